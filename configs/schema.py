@@ -1,0 +1,174 @@
+"""The typed config tree.
+
+Every run is described by one of two structured configs, `VAEConfig` or `GANConfig`, chosen by
+the preset's top-level `kind`. Presets (YAML beside this file) and dotted command-line overrides
+are merged onto the schema, so an unknown key or a value of the wrong type is caught before any
+process starts. This module imports nothing from the rest of gentrain.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; also the W&B run name."""
+    dir: Optional[str] = None
+    """Run directory; defaults to runs/<name>."""
+    seed: int = 0
+    """Seed for weights, latents and the data order (offset per rank)."""
+
+
+@dataclass
+class DataConfig:
+    shards: Any = "data/digits"
+    """A directory of .tar files, a brace pattern (dir/shard-{000000..000009}.tar) or a list."""
+    batch_size: int = 64
+    """Samples per process per step."""
+    num_workers: int = 1
+    """DataLoader worker processes per rank; each reads a disjoint slice of the shards."""
+    shuffle_buffer: int = 512
+    """Samples held in the shuffle buffer of each worker."""
+    image_size: int = 32
+    """Images are resized to this square size if the shards hold another size."""
+    channels: int = 1
+    """1 (grayscale) or 3 (RGB)."""
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 2e-4
+    """Adam learning rate."""
+    betas: List[float] = field(default_factory=lambda: [0.5, 0.99])
+    """Adam betas."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW)."""
+    grad_clip: float = 0.0
+    """Global gradient-norm clip; 0 turns it off (DeepSpeed's default of 1.0 is overridden)."""
+
+
+@dataclass
+class GANOptimConfig:
+    g: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Generator optimizer."""
+    d: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """Discriminator optimizer: its own learning rate and betas (TTUR)."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    """Optimizer steps to train for (each step consumes data.batch_size x world samples)."""
+    precision: str = "auto"
+    """auto (bf16 on CPU, bf16 on CUDA where supported else fp16), bf16, fp16 (CUDA only) or fp32."""
+    zero_stage: int = 1
+    """DeepSpeed ZeRO stage: 1 or 2."""
+    log_every: int = 20
+    """Steps between scalar logs (metrics.jsonl and W&B)."""
+    sample_every: int = 250
+    """Steps between sample grids (PNG in samples/ and W&B); the last step always writes one."""
+    ckpt_every: int = 500
+    """Steps between checkpoints; the last step always writes one."""
+    keep_checkpoints: int = 2
+    """How many complete checkpoints to keep."""
+    resume: str = "auto"
+    """auto (continue from the run directory's latest checkpoint if any), never, or a checkpoint path."""
+    progress: bool = True
+    """Show a progress bar on rank 0."""
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"
+    """offline (no account needed; `wandb sync` later), online, or disabled."""
+    project: str = "gentrain"
+    """W&B project."""
+    entity: Optional[str] = None
+    """W&B entity (team or user); None uses the default."""
+    tags: List[str] = field(default_factory=list)
+    """Tags for the W&B run."""
+
+
+@dataclass
+class VAEModelConfig:
+    latent_dim: int = 16
+    """Dimensions of the latent space."""
+    base_channels: int = 32
+    """Channels of the first encoder block; doubled at each downsampling."""
+
+
+@dataclass
+class VAELossConfig:
+    likelihood: str = "bernoulli"
+    """bernoulli (pixels in [0,1] as probabilities), gaussian (fixed unit-variance) or l2."""
+    beta: float = 1.0
+    """Weight of the KL term."""
+
+
+@dataclass
+class GANModelConfig:
+    arch: str = "dcgan"
+    """dcgan (images) or mlp (2-D points)."""
+    z_dim: int = 64
+    """Dimensions of the generator's input noise."""
+    g_channels: int = 64
+    """Generator width (channels at the highest resolution x 2^k below it; MLP hidden size)."""
+    d_channels: int = 64
+    """Discriminator width."""
+
+
+@dataclass
+class GANLossConfig:
+    loss: str = "nonsaturating"
+    """nonsaturating (logistic) GAN loss."""
+    r1_gamma: float = 1.0
+    """R1 gradient penalty weight on real data (0 turns it off); computed in fp32."""
+    r1_every: int = 4
+    """Lazy regularisation: apply R1 every k steps, scaled by k (StyleGAN2)."""
+    ema_halflife_kimg: float = 2.0
+    """Half-life of the generator EMA in thousands of images seen (0 turns EMA off)."""
+    ema_rampup: float = 0.05
+    """EMA half-life ramp-up as a fraction of images seen (StyleGAN2-ADA); 0 turns it off."""
+
+
+@dataclass
+class VAEConfig:
+    kind: str = "vae"
+    """Which trainer runs this config."""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: VAEModelConfig = field(default_factory=VAEModelConfig)
+    loss: VAELossConfig = field(default_factory=VAELossConfig)
+    optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, betas=[0.9, 0.999]))
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class GANConfig:
+    kind: str = "gan"
+    """Which trainer runs this config."""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: GANModelConfig = field(default_factory=GANModelConfig)
+    loss: GANLossConfig = field(default_factory=GANLossConfig)
+    optim: GANOptimConfig = field(default_factory=GANOptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+SCHEMAS = {"vae": VAEConfig, "gan": GANConfig}
+
+# Allowed values of string-valued options, checked after merging (OmegaConf types only say `str`).
+CHOICES = {
+    "kind": tuple(SCHEMAS),
+    "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
+    "trainer.zero_stage": (1, 2),
+    "wandb.mode": ("offline", "online", "disabled"),
+    "data.channels": (1, 3),
+    "loss.likelihood": ("bernoulli", "gaussian", "l2"),
+    "loss.loss": ("nonsaturating",),
+    "model.arch": ("dcgan", "mlp"),
+}

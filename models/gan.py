@@ -1,0 +1,70 @@
+"""GAN networks: a DCGAN generator/discriminator for images and small MLPs for 2-D point sets."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from models.blocks import down_block, num_resolution_steps, up_block, widths
+
+
+class DCGANGenerator(nn.Module):
+    """z -> 4x4 feature map -> transposed convs doubling to image_size -> tanh image in [-1, 1]."""
+
+    def __init__(self, z_dim: int = 64, image_size: int = 32, channels: int = 1, base_channels: int = 64):
+        super().__init__()
+        steps = num_resolution_steps(image_size)
+        chans = widths(base_channels, steps)
+        self.z_dim, self.image_size, self.channels = z_dim, image_size, channels
+        self._top = chans[-1]
+        self.project = nn.Sequential(nn.Linear(z_dim, chans[-1] * 16), nn.ReLU())
+        ups = [up_block(chans[i], chans[i - 1]) for i in range(steps - 1, 0, -1)]
+        self.body = nn.Sequential(*ups, nn.ConvTranspose2d(chans[0], channels, 4, stride=2, padding=1), nn.Tanh())
+
+    def forward(self, z_bz: torch.Tensor) -> torch.Tensor:
+        return self.body(self.project(z_bz).view(-1, self._top, 4, 4))
+
+
+class DCGANDiscriminator(nn.Module):
+    """Strided convs down to 4x4, then one logit. No batch norm, so R1 sees per-sample gradients."""
+
+    def __init__(self, image_size: int = 32, channels: int = 1, base_channels: int = 64):
+        super().__init__()
+        steps = num_resolution_steps(image_size)
+        chans = widths(base_channels, steps)
+        blocks = [down_block(channels, chans[0], norm=False)]
+        blocks += [down_block(chans[i - 1], chans[i], norm=False) for i in range(1, steps)]
+        self.body = nn.Sequential(*blocks, nn.Flatten(), nn.Linear(chans[-1] * 16, 1))
+
+    def forward(self, x_bchw: torch.Tensor) -> torch.Tensor:
+        return self.body(x_bchw).squeeze(1)
+
+
+class MLPGenerator(nn.Module):
+    """z -> 2-D point, for the ring8 / grid25 mode-collapse benchmarks."""
+
+    def __init__(self, z_dim: int = 64, hidden: int = 128, out_dim: int = 2, depth: int = 3):
+        super().__init__()
+        self.z_dim = z_dim
+        layers, width = [], z_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.ReLU()]
+            width = hidden
+        self.body = nn.Sequential(*layers, nn.Linear(width, out_dim))
+
+    def forward(self, z_bz: torch.Tensor) -> torch.Tensor:
+        return self.body(z_bz)
+
+
+class MLPDiscriminator(nn.Module):
+    """2-D point -> one logit."""
+
+    def __init__(self, hidden: int = 128, in_dim: int = 2, depth: int = 3):
+        super().__init__()
+        layers, width = [], in_dim
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
+            width = hidden
+        self.body = nn.Sequential(*layers, nn.Linear(width, 1))
+
+    def forward(self, x_bd: torch.Tensor) -> torch.Tensor:
+        return self.body(x_bd).squeeze(1)

@@ -1,0 +1,54 @@
+"""A convolutional VAE: encoder -> (mean, log-variance), reparameterised sample, decoder."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.blocks import down_block, num_resolution_steps, up_block, widths
+
+
+@dataclass
+class VAEOutput:
+    logits_bchw: torch.Tensor
+    """Decoder output: Bernoulli logits, or Gaussian means in logit space (see trainers.vae)."""
+    mean_bz: torch.Tensor
+    logvar_bz: torch.Tensor
+    z_bz: torch.Tensor
+
+
+class ConvVAE(nn.Module):
+    """Encoder halves the resolution down to 4x4, a linear layer gives mean and log-variance."""
+
+    def __init__(self, image_size: int = 32, channels: int = 1, latent_dim: int = 16, base_channels: int = 32):
+        super().__init__()
+        steps = num_resolution_steps(image_size)
+        chans = widths(base_channels, steps)
+        self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim
+
+        enc = [down_block(channels, chans[0], norm=False)]
+        enc += [down_block(chans[i - 1], chans[i]) for i in range(1, steps)]
+        self.encoder = nn.Sequential(*enc, nn.Flatten())
+        self.to_stats = nn.Linear(chans[-1] * 16, 2 * latent_dim)
+
+        self.from_latent = nn.Linear(latent_dim, chans[-1] * 16)
+        dec = [up_block(chans[i], chans[i - 1]) for i in range(steps - 1, 0, -1)]
+        self.decoder = nn.Sequential(*dec, nn.ConvTranspose2d(chans[0], channels, 4, stride=2, padding=1))
+        self._base_channels = chans[-1]
+
+    def encode(self, x_bchw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior q(z|x) as (mean, log-variance)."""
+        mean_bz, logvar_bz = self.to_stats(self.encoder(x_bchw)).chunk(2, dim=1)
+        return mean_bz, logvar_bz.clamp(-30.0, 20.0)
+
+    def decode(self, z_bz: torch.Tensor) -> torch.Tensor:
+        """Decoder logits for a batch of latents."""
+        h = self.from_latent(z_bz).view(-1, self._base_channels, 4, 4)
+        return self.decoder(h)
+
+    def forward(self, x_bchw: torch.Tensor, generator: torch.Generator | None = None) -> VAEOutput:
+        mean_bz, logvar_bz = self.encode(x_bchw)
+        eps = torch.randn(mean_bz.shape, generator=generator, device=mean_bz.device, dtype=mean_bz.dtype)
+        z_bz = mean_bz + eps * torch.exp(0.5 * logvar_bz)
+        return VAEOutput(self.decode(z_bz), mean_bz, logvar_bz, z_bz)

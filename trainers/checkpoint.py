@@ -1,0 +1,104 @@
+"""Checkpoints: every engine, every rank's counters and RNG, and fp32 weights for inference.
+
+Layout of one checkpoint, `checkpoints/step-0000500/`:
+    <engine>/state/...          DeepSpeed's own files for each engine (g, d, vae)
+    trainer-rank00000.pt        this rank's step counters and RNG states (tensors and ints only)
+    weights.safetensors         fp32 weights (and EMA) for `gentrain sample` / `export`
+    COMPLETE                    written last: a directory without it is never loaded
+`checkpoints/latest` names the newest complete one; it moves only after COMPLETE exists.
+A checkpoint is written under `step-0000500.partial/` and renamed when every rank is done, so a
+process killed mid-save leaves the previous checkpoint as the newest complete one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from trainers.distributed import DistInfo, barrier
+
+COMPLETE = "COMPLETE"
+DS_TAG = "state"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class Checkpointer:
+    """Saves and restores a run; every rank must call save() and restore() together."""
+
+    def __init__(self, root: Path, dist_info: DistInfo, keep: int):
+        self.root, self.dist, self.keep = Path(root), dist_info, keep
+
+    # ---- finding checkpoints -------------------------------------------------------------
+    def complete_checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.root.is_dir():
+            return []
+        dirs = [p for p in self.root.glob("step-*") if p.is_dir() and (p / COMPLETE).exists()]
+        return sorted(dirs, key=lambda p: p.name)
+
+    def latest(self) -> Path | None:
+        pointer = self.root / "latest"
+        if pointer.exists():
+            candidate = self.root / pointer.read_text().strip()
+            if (candidate / COMPLETE).exists():
+                return candidate
+        found = self.complete_checkpoints()
+        return found[-1] if found else None
+
+    # ---- saving ---------------------------------------------------------------------------
+    def save(self, step: int, engines: dict, rank_state: dict, weights: dict[str, torch.Tensor], meta: dict) -> Path:
+        """Write a checkpoint for `step`; returns its final path."""
+        started = time.perf_counter()
+        final = self.root / f"step-{step:07d}"
+        partial = final.with_name(final.name + ".partial")
+        if self.dist.is_main:
+            shutil.rmtree(partial, ignore_errors=True)
+            partial.mkdir(parents=True)
+        barrier()
+        for name, engine in engines.items():
+            # Separate save_dir per engine: two engines in one directory overwrite each other's files.
+            engine.save_checkpoint(str(partial / name), tag=DS_TAG, save_latest=False)
+        torch.save(rank_state, partial / f"trainer-rank{self.dist.rank:05d}.pt")
+        if self.dist.is_main:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()},
+                      str(partial / "weights.safetensors"), metadata={"step": str(step)})
+        barrier()
+        if self.dist.is_main:
+            meta = {**meta, "step": step, "world_size": self.dist.world_size, "saved_at": time.time(),
+                    "seconds": round(time.perf_counter() - started, 3)}
+            (partial / COMPLETE).write_text(json.dumps(meta, indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            _atomic_write(self.root / "latest", final.name)
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        for old in self.complete_checkpoints()[:-self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    # ---- loading --------------------------------------------------------------------------
+    def load(self, path: Path, engines: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+        """Restore engines in place; return this rank's trainer state and the fp32 weights."""
+        for name, engine in engines.items():
+            load_path, _ = engine.load_checkpoint(str(path / name), tag=DS_TAG,
+                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+            if load_path is None:
+                raise FileNotFoundError(f"checkpoint {path} has no state for engine '{name}'")
+        own = path / f"trainer-rank{self.dist.rank:05d}.pt"
+        state_file = own if own.exists() else path / "trainer-rank00000.pt"  # world size changed
+        rank_state = torch.load(state_file, map_location="cpu", weights_only=True)
+        weights = load_file(str(path / "weights.safetensors"))
+        return rank_state, weights

@@ -1,0 +1,91 @@
+"""Where scalars and images go: metrics.jsonl and samples/ on disk, and W&B; rank 0 only.
+
+Other ranks get a logger that does nothing, so call sites never branch on rank.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from trainers.images import save_png
+
+
+class RunLogger:
+    """Writes one JSON object per logged step to metrics.jsonl and mirrors it to W&B."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        self.run_dir = run_dir
+        self._wandb = None
+        if not enabled:
+            return
+        self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        if cfg.wandb.mode != "disabled":
+            self._wandb = _init_wandb(cfg, run_dir)
+
+    def log(self, step: int, scalars: dict[str, float]) -> None:
+        """Record scalars for `step` (rank 0 writes; others ignore)."""
+        if not self.enabled:
+            return
+        record = {"step": step, "time": round(time.time(), 3), **{k: _plain(v) for k, v in scalars.items()}}
+        self._metrics.write(json.dumps(record) + "\n")
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def log_image(self, step: int, name: str, image_hwc: np.ndarray, caption: str = "") -> Path | None:
+        """Save a PNG under samples/ and send it to W&B."""
+        if not self.enabled:
+            return None
+        path = save_png(image_hwc, self.run_dir / "samples" / f"{name}-{step:07d}.png")
+        if self._wandb is not None:
+            import wandb
+
+            self._wandb.log({name: wandb.Image(image_hwc, caption=caption or f"step {step}")}, step=step)
+        return path
+
+    def alert(self, title: str, text: str) -> None:
+        if self.enabled and self._wandb is not None and self._wandb.settings.mode == "online":
+            self._wandb.alert(title=title, text=text)
+
+    @property
+    def wandb_dir(self) -> str | None:
+        return None if self._wandb is None else self._wandb.dir
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self._metrics.close()
+        if self._wandb is not None:
+            self._wandb.finish()  # without finish(), the W&B service keeps the process alive at exit
+            self._wandb = None
+
+
+def _plain(value):
+    return float(value) if isinstance(value, (np.floating, np.integer)) else value
+
+
+def _init_wandb(cfg: DictConfig, run_dir: Path):
+    """Start (or continue) the W&B run; its id is kept in the run directory so a resume reuses it."""
+    os.environ.setdefault("WANDB_SILENT", "true")
+    import wandb
+
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=cfg.wandb.project,
+        entity=cfg.wandb.entity,
+        name=cfg.run.name,
+        id=run_id,
+        resume="allow",
+        dir=str(run_dir),
+        mode=cfg.wandb.mode,
+        tags=list(cfg.wandb.tags),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        settings=wandb.Settings(console="off", x_disable_stats=True),
+    )
