@@ -62,7 +62,7 @@ class TrainerConfig:
     max_steps: int = 1000
     """Optimizer steps to train for (each step consumes data.batch_size x world samples)."""
     precision: str = "auto"
-    """auto (bf16 on CPU, bf16 on CUDA where supported else fp16), bf16, fp16 (CUDA only) or fp32."""
+    """auto (CUDA: bf16 where supported else fp16; CPU: bf16 where the CPU has native bf16, else fp32), bf16, fp16 (CUDA only) or fp32."""
     zero_stage: int = 1
     """DeepSpeed ZeRO stage: 1 or 2."""
     log_every: int = 20
