@@ -19,10 +19,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $@
 
-data/digits/manifest.json: | install
-	$(GENTRAIN) shards build digits --out data/digits
-
-demo: install data/digits/manifest.json
+demo: install
 	$(PY) -m launcher.demo
 
 test: install

@@ -26,8 +26,8 @@ import tarfile
 import warnings
 from collections import Counter
 from contextlib import closing
-from dataclasses import dataclass
-from glob import glob
+from dataclasses import dataclass, field
+from glob import escape as glob_escape, glob
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -57,6 +57,7 @@ from data_shards.decode import (
 SKIP_REASONS = (DECODE_ERROR, BAD_LABEL, TOO_LARGE, TRUNCATED_TAR, MISSING_IMAGE, UNREADABLE_SHARD, DUPLICATE_MEMBER)
 _REMOTE_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # pipe:, s3://, https://; not C:
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_META_RE = re.compile(r"__[^/]*__($|/)")  # the same rule as webdataset's tar_file_iterator
 
 
 # ---------------------------------------------------------------------------- shard specs
@@ -114,11 +115,6 @@ def _resolve_string(spec: str, whole: Any) -> list[str]:
     if missing:
         raise FileNotFoundError(f"shard spec {whole!r}: {len(missing)} shard file(s) not found, e.g. {missing[0]}")
     return urls
-
-
-def glob_escape(path: str) -> str:
-    """Escape glob metacharacters in a literal directory name."""
-    return re.sub(r"([*?\[])", r"[\1]", path)
 
 
 def find_manifest(spec: Any) -> dict | None:
@@ -206,9 +202,8 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[str, str,
     """(key, extension, bytes) of a regular member, or None for members that are not sample data."""
     if not info.isreg():
         return None
-    base = info.name.rsplit("/", 1)[-1]
-    if base.startswith("__") and base.split(".")[0].endswith("__"):
-        return None  # webdataset metadata such as __index__
+    if _META_RE.match(info.name):
+        return None  # webdataset's metadata members (__index__ and the like) are not samples
     key, ext = base_plus_ext(info.name)
     if key is None:
         return None
@@ -277,7 +272,7 @@ def _payload_ext(raw: dict, kind: str) -> str | None:
 class _PassStats:
     valid: int = 0
     foreign: int = 0  # samples present but belonging to another slot
-    skipped: Counter | None = None
+    skipped: Counter = field(default_factory=Counter)  # this pass only, for the error message
 
 
 def _shuffled(items: Iterable[_Item], size: int, rng: random.Random) -> Iterator[_Item]:
@@ -400,7 +395,7 @@ class ShardStream(IterableDataset):
         share_all = False
         pass_index = 0
         while self.passes is None or pass_index < self.passes:
-            stats = _PassStats(skipped=Counter())
+            stats = _PassStats()
             yield from self._one_pass(pass_index, slot, num_slots, share_all, decoder, skipped, stats)
             if stats.valid == 0:
                 if stats.foreign and not share_all:

@@ -1,0 +1,32 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Tests never talk to W&B's servers, and reuse DeepSpeed's compiled comm op between runs.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gentrain" / "torch_extensions"))
+
+
+def run_gentrain(*args, cwd=None, timeout=600, check=True, env=None) -> subprocess.CompletedProcess:
+    """Run the real `gentrain` command line in a subprocess."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "launcher.cli", *map(str, args)], cwd=cwd or ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gentrain {' '.join(map(str, args))} exited {proc.returncode}\n"
+                             f"--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def digit_shards(tmp_path_factory) -> Path:
+    """scikit-learn's digits as 32x32 PNG shards (1,797 samples, 8 shards)."""
+    out = tmp_path_factory.mktemp("digits")
+    run_gentrain("shards", "build", "digits", "--out", out, "--shard-size", 256, "--quiet")
+    return out

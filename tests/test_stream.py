@@ -1,0 +1,329 @@
+"""Tests for data_shards.stream: rank/worker splitting, bad-data accounting, shard specs."""
+
+from __future__ import annotations
+
+import io
+import os
+import struct
+import tarfile
+import zlib
+from collections import Counter
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_shards.build import build_shards
+from data_shards.decode import BadSample, decode_image, decode_label
+from data_shards.stream import ShardStream, batch_to_float, find_manifest, make_loader, read_shard, resolve_shards
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def png_bytes(size=(16, 16), mode="L", seed=0) -> bytes:
+    """A noisy PNG (noise keeps it from compressing to almost nothing)."""
+    rng = np.random.default_rng(seed)
+    shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A syntactically valid PNG whose header announces width x height pixels."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def write_tar(path: Path, samples: list[tuple[str, list[tuple[str, bytes]]]]) -> Path:
+    """Write samples given as (key, [(ext, bytes), ...]); members keep the given order."""
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for key, members in samples:
+            for ext, data in members:
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def collect(spec, *, world_size=1, num_workers=0, passes=1, batch_size=4, **options) -> list[dict]:
+    """All batches of `passes` passes, over every simulated rank."""
+    batches = []
+    for rank in range(world_size):
+        loader = make_loader(
+            spec,
+            batch_size,
+            rank=rank,
+            world_size=world_size,
+            num_workers=num_workers,
+            seed=3,
+            shuffle_buffer=8,
+            passes=passes,
+            return_keys=True,
+            **options,
+        )
+        batches.extend(loader)
+    return batches
+
+
+def keys_of(batches) -> Counter:
+    return Counter(key for b in batches for key in b["__key__"])
+
+
+def skipped_of(batches) -> Counter:
+    total: Counter = Counter()
+    for b in batches:
+        total.update(b["skipped"])
+    return total
+
+
+@pytest.fixture(scope="module")
+def digits_dir(tmp_path_factory) -> Path:
+    """8 shards x 20 digits, 16x16."""
+    out = tmp_path_factory.mktemp("digits")
+    build_shards("digits", out, shard_size=20, num_samples=160, image_size=16, progress=False)
+    return out
+
+
+def subset(src: Path, dst: Path, n: int) -> Path:
+    """A shard directory holding the first n shards of src."""
+    dst.mkdir()
+    for i in range(n):
+        name = f"shard-{i:06d}.tar"
+        (dst / name).write_bytes((src / name).read_bytes())
+    return dst
+
+
+# ---------------------------------------------------------------------------- splitting
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("n_shards, world_size, num_workers", [(8, 2, 2), (3, 2, 2), (5, 2, 0), (5, 1, 2)])
+def test_one_pass_covers_every_sample_once_across_slots(digits_dir, tmp_path, n_shards, world_size, num_workers):
+    shards = subset(digits_dir, tmp_path / "s", n_shards)
+    batches = collect(shards, world_size=world_size, num_workers=num_workers)
+
+    expected = {f"{i:08d}" for i in range(20 * n_shards)}
+    counts = keys_of(batches)
+    assert set(counts) == expected and set(counts.values()) == {1}
+    num_slots = world_size * max(num_workers, 1)
+    assert {b["__slot__"] for b in batches} == set(range(num_slots))
+    assert all(b["skipped"] == {} for b in batches)
+    assert sum(len(b["label"]) for b in batches) == len(expected)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("n_shards, world_size, num_workers", [(3, 2, 2), (5, 2, 1)])
+def test_uneven_shards_never_block_and_every_slot_keeps_yielding(digits_dir, tmp_path, n_shards, world_size, num_workers):
+    shards = subset(digits_dir, tmp_path / "s", n_shards)
+    for rank in range(world_size):
+        loader = make_loader(shards, 8, rank=rank, world_size=world_size, num_workers=num_workers, seed=0,
+                             shuffle_buffer=16, return_keys=True)
+        # 40 batches of 8 is several passes over every slot's share of the data.
+        batches = list(islice(iter(loader), 40))
+        assert len(batches) == 40 and all(b["image"].shape == (8, 1, 16, 16) for b in batches)
+        slots = Counter(b["__slot__"] for b in batches)
+        assert set(slots) == {rank * num_workers + w for w in range(num_workers)}
+        del loader
+
+
+@pytest.mark.timeout(60)
+def test_fewer_samples_than_slots_still_feeds_every_slot(tmp_path):
+    write_tar(tmp_path / "tiny.tar", [(f"k{i}", [("png", png_bytes(seed=i)), ("cls", b"1")]) for i in range(2)])
+    for rank in range(2):
+        loader = make_loader(tmp_path / "tiny.tar", 2, rank=rank, world_size=2, num_workers=2, seed=0,
+                             shuffle_buffer=0, return_keys=True)
+        batches = list(islice(iter(loader), 6))
+        assert {b["__slot__"] for b in batches} == {2 * rank, 2 * rank + 1}
+        del loader
+
+
+def test_stream_batches_images_labels_and_is_seeded(digits_dir):
+    first = list(islice(iter(ShardStream(digits_dir, 16, seed=1)), 3))
+    again = list(islice(iter(ShardStream(digits_dir, 16, seed=1)), 3))
+    other = list(islice(iter(ShardStream(digits_dir, 16, seed=2)), 3))
+
+    batch = first[0]
+    assert batch["image"].dtype == torch.uint8 and batch["image"].shape == (16, 1, 16, 16)
+    assert batch["label"].dtype == torch.int64 and batch["label"].shape == (16,)
+    assert ((batch["label"] >= 0) & (batch["label"] <= 9)).all()
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
+    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(first, other))
+
+
+def test_channels_and_image_size_are_converted(digits_dir):
+    batch = next(iter(ShardStream(digits_dir, 4, channels=3, image_size=8)))
+    assert batch["image"].shape == (4, 3, 8, 8)
+    assert torch.equal(batch["image"][:, 0], batch["image"][:, 2])  # grey -> RGB replicates
+
+
+def test_points_stream(tmp_path):
+    build_shards("ring8", tmp_path, shard_size=50, num_samples=100, progress=False)
+    batches = collect(tmp_path, batch_size=32)
+    assert [len(b["label"]) for b in batches] == [32, 32, 32, 4]
+    points = torch.cat([b["points"] for b in batches])
+    assert points.dtype == torch.float32 and points.shape == (100, 2)
+    assert torch.allclose(points.norm(dim=1), torch.ones(100), atol=0.06)
+    assert "image" not in batches[0]
+
+
+def test_batch_to_float_maps_to_unit_interval():
+    images = torch.tensor([0, 128, 255], dtype=torch.uint8)
+    assert torch.allclose(batch_to_float(images), torch.tensor([-1.0, 0.0039216, 1.0]), atol=1e-6)
+    assert batch_to_float(images, torch.bfloat16).dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------------------- bad data
+
+PLANTED = Counter(decode_error=2, bad_label=1, too_large=2, missing_image=1, truncated_tar=1, duplicate_member=1)
+
+
+@pytest.fixture
+def corrupt_shards(tmp_path) -> tuple[Path, set[str]]:
+    """Two shards with one of each kind of damage; returns (dir, keys of the valid samples)."""
+    valid = lambda key, seed: (key, [("cls", str(seed % 10).encode()), ("png", png_bytes(seed=seed))])  # noqa: E731
+    good = png_bytes(seed=99)
+    first = [valid(f"v{i}", i) for i in range(5)] + [
+        ("trunc", [("png", good[: len(good) // 2]), ("cls", b"1")]),  # decode_error
+        ("garbage", [("png", os.urandom(300)), ("cls", b"2")]),  # decode_error
+        ("badcls", [("png", good), ("cls", b"abc")]),  # bad_label
+        ("onlycls", [("cls", b"3")]),  # missing_image
+        ("huge1", [("png", png_header_only(20000, 20000))]),  # too_large (PIL's bomb error)
+        ("huge2", [("png", png_header_only(9000, 9000))]),  # too_large (our own limit)
+        ("rgbodd", [("png", png_bytes((20, 10), "RGB")), ("cls", b"4")]),  # valid, converted
+        ("nolabel", [("png", good)]),  # valid, label -1
+        ("dup", [("png", good), ("png", good), ("cls", b"5")]),  # valid; duplicate_member
+    ] + [valid(f"v{i}", i) for i in range(5, 10)]
+    write_tar(tmp_path / "shard-000000.tar", first)
+
+    second = write_tar(tmp_path / "shard-000001.tar", [valid(f"w{i}", 20 + i) for i in range(6)])
+    with tarfile.open(second) as tar:
+        last_png = tar.getmember("w5.png")
+    data = second.read_bytes()
+    second.write_bytes(data[: last_png.offset_data + last_png.size // 2])  # cut inside w5.png
+
+    keys = {f"v{i}" for i in range(10)} | {f"w{i}" for i in range(5)} | {"rgbodd", "nolabel", "dup"}
+    return tmp_path, keys
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("world_size, num_workers", [(1, 0), (1, 2), (2, 2)])
+def test_planted_corruption_is_counted_and_valid_samples_survive(corrupt_shards, world_size, num_workers):
+    shards, valid_keys = corrupt_shards
+    batches = collect(shards, world_size=world_size, num_workers=num_workers)
+
+    assert skipped_of(batches) == PLANTED
+    counts = keys_of(batches)
+    assert set(counts) == valid_keys and set(counts.values()) == {1}
+    assert all(b["image"].shape[1:] == (1, 16, 16) for b in batches)
+    labels = {k: int(l) for b in batches for k, l in zip(b["__key__"], b["label"])}
+    assert labels["nolabel"] == -1 and labels["rgbodd"] == 4 and labels["dup"] == 5
+
+
+@pytest.mark.timeout(60)
+def test_skips_are_reported_in_every_infinite_pass(corrupt_shards):
+    shards, valid_keys = corrupt_shards
+    stream = ShardStream(shards, 6, shuffle_buffer=0)
+    # With no shuffle buffer, 3 passes of 18 valid samples are exactly 9 batches of 6.
+    batches = list(islice(iter(stream), 9))
+    assert skipped_of(batches) == Counter({reason: 3 * n for reason, n in PLANTED.items()})
+
+
+def test_tar_cut_at_a_member_boundary_is_not_a_silent_end(tmp_path):
+    """Python's tarfile (and so webdataset 1.0.2) ends quietly here, losing the rest."""
+    path = write_tar(tmp_path / "cut.tar", [(f"k{i}", [("cls", b"1"), ("png", png_bytes(seed=i))]) for i in range(4)])
+    with tarfile.open(path) as tar:
+        boundary = tar.getmember("k2.cls").offset  # start of k2's first header
+    path.write_bytes(path.read_bytes()[:boundary])
+
+    batches = collect(path)
+    assert keys_of(batches) == Counter({"k0": 1})  # k1 may lack members: dropped with the damage
+    assert skipped_of(batches) == Counter(truncated_tar=1)
+
+
+def test_garbage_header_mid_archive_and_missing_shard_are_counted(tmp_path):
+    path = write_tar(tmp_path / "a.tar", [(f"k{i}", [("png", png_bytes(seed=i))]) for i in range(4)])
+    with tarfile.open(path) as tar:
+        offset = tar.getmember("k2.png").offset
+    data = bytearray(path.read_bytes())
+    data[offset : offset + 512] = os.urandom(512)
+    path.write_bytes(bytes(data))
+    gone = write_tar(tmp_path / "b.tar", [("x", [("png", png_bytes())])])
+
+    stream = ShardStream([path, gone], 4, passes=1, shuffle_buffer=0, return_keys=True)
+    gone.unlink()  # vanishes between resolving and reading
+    batches = list(stream)
+    assert keys_of(batches) == Counter({"k0": 1})
+    assert skipped_of(batches) == Counter(truncated_tar=1, unreadable_shard=1)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_all_bad_shards_raise_instead_of_hanging(tmp_path, num_workers):
+    write_tar(tmp_path / "shard-000000.tar", [(f"g{i}", [("png", os.urandom(100))]) for i in range(5)])
+    write_tar(tmp_path / "shard-000001.tar", [(f"c{i}", [("cls", b"x")]) for i in range(5)])
+    loader = make_loader(tmp_path, 2, rank=0, world_size=1, num_workers=num_workers, seed=0, shuffle_buffer=4)
+    with pytest.raises(RuntimeError, match="no valid samples in shards"):
+        next(iter(loader))
+
+
+def test_read_shard_groups_members_like_webdataset(tmp_path):
+    path = write_tar(
+        tmp_path / "a.tar",
+        [("dir/k1", [("PNG", b"1"), ("cls", b"1")]), ("__meta__/info", [("json", b"{}")]), ("k2.x", [("png", b"2")])],
+    )
+    samples = list(read_shard(str(path)))
+    assert [s["__key__"] for s in samples] == ["dir/k1", "k2"]  # __meta__/ members are not samples
+    assert set(samples[0]) == {"__key__", "__url__", "png", "cls"}  # extensions lower-cased
+    assert samples[1]["x.png"] == b"2"  # key = up to the first dot, as in webdataset
+
+
+def test_decode_helpers_raise_bad_sample_only():
+    assert decode_label(b" 7\n") == 7
+    for bad in (b"abc", b"-1", b"1_000", b"", b"\xff"):
+        with pytest.raises(BadSample, match="bad_label"):
+            decode_label(bad)
+    with pytest.raises(BadSample, match="too_large"):
+        decode_image(png_header_only(100, 100), "png", max_pixels=99 * 100)
+    assert decode_image(png_bytes((30, 10), "RGB"), "png", channels=1, image_size=8).shape == (8, 8, 1)
+
+
+# ---------------------------------------------------------------------------- shard specs
+
+
+def test_resolve_shards_forms(digits_dir):
+    names = [str(digits_dir / f"shard-{i:06d}.tar") for i in range(8)]
+    assert resolve_shards(digits_dir) == names
+    assert resolve_shards(str(digits_dir)) == names
+    assert resolve_shards(f"{digits_dir}/shard-{{000001..000003}}.tar") == names[1:4]
+    assert resolve_shards(names[5]) == [names[5]]
+    assert resolve_shards([names[2], f"{digits_dir}/shard-{{000000..000002}}.tar"]) == [names[2], names[0], names[1]]
+    assert resolve_shards(f"{digits_dir}/shard-00000[67].tar") == names[6:8]
+    assert resolve_shards("pipe:cat x.tar") == ["pipe:cat x.tar"]
+    assert find_manifest(digits_dir)["num_samples"] == 160
+
+
+def test_resolve_shards_accepts_omegaconf_lists(digits_dir):
+    omegaconf = pytest.importorskip("omegaconf")
+    spec = omegaconf.OmegaConf.create({"shards": [str(digits_dir / "shard-000000.tar"), str(digits_dir)]})
+    assert len(resolve_shards(spec.shards)) == 8
+
+
+def test_resolve_shards_missing_raises_file_not_found(digits_dir, tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.tar"):
+        resolve_shards(tmp_path / "nope.tar")
+    with pytest.raises(FileNotFoundError, match=r"1 shard file\(s\) not found.*shard-000008.tar"):
+        resolve_shards(f"{digits_dir}/shard-{{000000..000008}}.tar")
+    with pytest.raises(FileNotFoundError, match="no .tar shards in directory"):
+        resolve_shards(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no shards found"):
+        resolve_shards([])
+    with pytest.raises(FileNotFoundError):
+        ShardStream(tmp_path / "missing", 4)
