@@ -146,7 +146,8 @@ def _plan(source: str, image_size, seed: int, fmt: str, num_samples) -> _Plan:
     if source in ("ring8", "grid25"):
         return _points_plan(source, seed, num_samples or _DEFAULT_NUM_SAMPLES[source])
     if source.startswith("folder:"):
-        return _folder_plan(source[len("folder:") :], image_size or _DEFAULT_IMAGE_SIZE["folder"], seed, fmt, num_samples)
+        size = image_size or _DEFAULT_IMAGE_SIZE["folder"]
+        return _folder_plan(source[len("folder:") :], size, seed, fmt, num_samples)
     raise ValueError(f"unknown shard source {source!r}; valid sources: {', '.join(SOURCES)}")
 
 

@@ -401,7 +401,10 @@ class ShardStream(IterableDataset):
                 if stats.foreign and not share_all:
                     # Fewer samples than slots: better to repeat data on this slot than to
                     # leave its rank without batches (which would hang the whole job).
-                    warnings.warn(f"slot {slot}/{num_slots}: fewer valid samples than slots; this slot reads them all")
+                    warnings.warn(
+                        f"slot {slot} of {num_slots}: no valid sample among this slot's share of "
+                        f"{len(self.urls)} shard(s); it now reads all of them (samples may repeat across slots)"
+                    )
                     share_all = True
                     continue
                 raise RuntimeError(

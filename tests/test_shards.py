@@ -167,7 +167,8 @@ def test_folder_without_subfolders_is_unlabelled(tmp_path):
 
 
 def test_unknown_source_lists_valid_sources(tmp_path):
-    with pytest.raises(ValueError, match="unknown shard source 'mnist'.*digits.*stacked-digits.*ring8.*grid25.*folder:PATH"):
+    listing = "unknown shard source 'mnist'; valid sources: digits, stacked-digits, ring8, grid25, folder:PATH"
+    with pytest.raises(ValueError, match=listing):
         build_shards("mnist", tmp_path, progress=False)
 
 

@@ -121,7 +121,9 @@ def test_one_pass_covers_every_sample_once_across_slots(digits_dir, tmp_path, n_
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("n_shards, world_size, num_workers", [(3, 2, 2), (5, 2, 1)])
-def test_uneven_shards_never_block_and_every_slot_keeps_yielding(digits_dir, tmp_path, n_shards, world_size, num_workers):
+def test_uneven_shards_never_block_and_every_slot_keeps_yielding(
+    digits_dir, tmp_path, n_shards, world_size, num_workers
+):
     shards = subset(digits_dir, tmp_path / "s", n_shards)
     for rank in range(world_size):
         loader = make_loader(shards, 8, rank=rank, world_size=world_size, num_workers=num_workers, seed=0,
@@ -265,11 +267,14 @@ def test_garbage_header_mid_archive_and_missing_shard_are_counted(tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_all_bad_shards_raise_instead_of_hanging(tmp_path, num_workers):
+@pytest.mark.filterwarnings("ignore:slot")
+@pytest.mark.parametrize("rank, world_size, num_workers", [(0, 1, 0), (1, 2, 0), (0, 4, 0), (0, 1, 1)])
+def test_all_bad_shards_raise_instead_of_hanging(tmp_path, rank, world_size, num_workers):
+    # One worker only: torch 2.13 takes 5 s per worker to shut down after a worker raised.
     write_tar(tmp_path / "shard-000000.tar", [(f"g{i}", [("png", os.urandom(100))]) for i in range(5)])
     write_tar(tmp_path / "shard-000001.tar", [(f"c{i}", [("cls", b"x")]) for i in range(5)])
-    loader = make_loader(tmp_path, 2, rank=0, world_size=1, num_workers=num_workers, seed=0, shuffle_buffer=4)
+    loader = make_loader(tmp_path, 2, rank=rank, world_size=world_size, num_workers=num_workers, seed=0,
+                         shuffle_buffer=4)
     with pytest.raises(RuntimeError, match="no valid samples in shards"):
         next(iter(loader))
 
