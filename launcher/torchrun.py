@@ -1,8 +1,25 @@
-"""Build torchrun command lines: what `gentrain launch` runs on this machine."""
+"""torchrun command lines, and a thin torchrun that keeps the trainer's requeue exit code.
+
+`gentrain launch` (local, multi-node) and each node of a SLURM job run
+`python -m launcher.torchrun ARGS`: exactly torchrun's arguments and behaviour (it calls
+torch.distributed.run), with two differences that matter for preemption:
+
+- torchrun exits 1 whenever a worker fails; this one exits 75 (REQUEUE_EXIT_CODE) when a
+  worker exited 75, i.e. checkpointed after a preemption signal, so SLURM scripts can requeue.
+- torchrun forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers but SIGUSR1 kills it; this
+  one passes SIGUSR1 on to its worker processes (the trainer then checkpoints at the next step
+  boundary and exits 75).
+"""
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from dataclasses import dataclass, field
+
+from trainers.signals import REQUEUE_EXIT_CODE
+
+DEFAULT_MASTER_PORT = 29500
 
 
 @dataclass
@@ -11,21 +28,83 @@ class TorchrunSpec:
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: int = 29500
+    master_port: int = DEFAULT_MASTER_PORT
     rdzv_endpoint: str | None = None
+    rdzv_id: str | None = None
     max_restarts: int = 0
     train_args: list[str] = field(default_factory=list)
 
 
+def torchrun_args(spec: TorchrunSpec) -> list[str]:
+    """torchrun's own flags for this spec (without the program)."""
+    args = [f"--nnodes={spec.nnodes}", f"--nproc-per-node={spec.nproc_per_node}", f"--max-restarts={spec.max_restarts}"]
+    if spec.rdzv_endpoint:
+        args += ["--rdzv-backend=c10d", f"--rdzv-endpoint={spec.rdzv_endpoint}"]
+        if spec.rdzv_id:
+            args.append(f"--rdzv-id={spec.rdzv_id}")
+    elif spec.nnodes == 1:
+        args += ["--standalone"]
+    else:
+        args += [f"--node-rank={spec.node_rank}", f"--master-addr={spec.master_addr}",
+                 f"--master-port={spec.master_port}"]
+    return args
+
+
 def torchrun_command(spec: TorchrunSpec, python: str = sys.executable) -> list[str]:
     """The command that starts `gentrain train` in nproc_per_node processes on this node."""
-    cmd = [python, "-m", "torch.distributed.run", f"--nproc-per-node={spec.nproc_per_node}",
-           f"--nnodes={spec.nnodes}", f"--max-restarts={spec.max_restarts}"]
-    if spec.rdzv_endpoint:
-        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={spec.rdzv_endpoint}"]
-    elif spec.nnodes == 1:
-        cmd += ["--standalone"]
-    else:
-        cmd += [f"--node-rank={spec.node_rank}", f"--master-addr={spec.master_addr}",
-                f"--master-port={spec.master_port}"]
-    return cmd + ["-m", "launcher.cli", "train", *spec.train_args]
+    return [python, "-m", "launcher.torchrun", *torchrun_args(spec), "-m", "launcher.cli", "train", *spec.train_args]
+
+
+# ---- the wrapper ----------------------------------------------------------------------------
+def _child_pids() -> list[int]:
+    """Direct children of this process (torchrun's workers), read from /proc."""
+    me, pids = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # pid (comm) state ppid ...: comm may contain spaces, so split after the last ')'
+        if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+            pids.append(int(entry))
+    return pids
+
+
+def _forward_usr1(signum, _frame) -> None:
+    children = _child_pids()
+    print(f"[gentrain] torchrun wrapper: SIGUSR1 -> {len(children)} worker(s) {children}", file=sys.stderr, flush=True)
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGUSR1, _forward_usr1)
+    try:
+        run(args)
+    except ChildFailedError as err:
+        codes = sorted({failure.exitcode for failure in err.failures.values()})
+        if REQUEUE_EXIT_CODE in codes:
+            print(f"[gentrain] workers exited {codes}: checkpointed after a preemption signal, "
+                  f"exiting {REQUEUE_EXIT_CODE} (requeue me)", file=sys.stderr, flush=True)
+            return REQUEUE_EXIT_CODE
+        print(f"[gentrain] workers failed with exit code(s) {codes}", file=sys.stderr, flush=True)
+        return 1
+    except SignalException as err:
+        print(f"[gentrain] torchrun stopped by signal {err.sigval.name}", file=sys.stderr, flush=True)
+        return 128 + int(err.sigval)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
