@@ -77,6 +77,8 @@ class TrainerConfig:
     """auto (continue from the run directory's latest checkpoint if any), never, or a checkpoint path."""
     progress: bool = True
     """Show a progress bar on rank 0."""
+    max_nonfinite_in_row: int = 20
+    """Non-finite steps (skipped and counted) in a row before rolling back to the last checkpoint."""
 
 
 @dataclass

@@ -332,3 +332,27 @@ def test_resolve_shards_missing_raises_file_not_found(digits_dir, tmp_path):
         resolve_shards([])
     with pytest.raises(FileNotFoundError):
         ShardStream(tmp_path / "missing", 4)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("num_workers, consumed", [(0, 7), (2, 5), (2, 8)])
+def test_resumed_stream_continues_with_exactly_the_same_batches(digits_dir, num_workers, consumed):
+    """Positions saved after N batches restart each worker where it stopped, mid-pass and across passes."""
+    from data_shards.stream import make_loader
+
+    def loader(**resume):
+        return iter(make_loader(digits_dir, 64, rank=1, world_size=2, num_workers=num_workers, seed=3,
+                                shuffle_buffer=100, return_keys=True, **resume))
+
+    total = consumed + 12  # 19+ batches of 64 over ~900 samples per rank: crosses a pass boundary
+    uninterrupted = [next(batches) for batches in [loader()] for _ in range(total)]
+    positions = {}
+    for batch in uninterrupted[:consumed]:
+        positions[batch["__worker__"]] = batch["__position__"]
+    workers = max(1, num_workers)
+    resumed = loader(start_positions=positions, worker_offset=consumed % workers)
+    for expected in uninterrupted[consumed:]:
+        got = next(resumed)
+        assert got["__key__"] == expected["__key__"]
+        assert torch.equal(got["image"], expected["image"])
+    assert any(b["__position__"]["pass"] >= 1 for b in uninterrupted), "test should cross a pass boundary"

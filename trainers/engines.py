@@ -8,6 +8,7 @@ from torch import nn
 from configs import ConfigError
 
 from trainers.distributed import DistInfo
+from trainers.safe_load import use_safe_loading
 
 
 class PrecisionError(ConfigError):
@@ -76,6 +77,7 @@ def make_engine(module: nn.Module, optim: DictConfig, cfg: DictConfig, dist_info
                                   weight_decay=optim.weight_decay)
     ds_cfg = deepspeed_config(optim, cfg.trainer, cfg.data.batch_size, dist_info.world_size, precision)
     engine, *_ = deepspeed.initialize(model=module.to(dist_info.device), optimizer=optimizer, config=ds_cfg)
+    use_safe_loading(engine)
     return engine
 
 

@@ -14,6 +14,7 @@ from models import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGene
 from trainers.distributed import DistInfo
 from trainers.ema import EMA
 from trainers.engines import make_engine, module_dtype
+from trainers.guard import all_finite
 from trainers.gan_losses import d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
 from trainers.images import make_grid, scatter_plot, to_uint8
 
@@ -69,11 +70,15 @@ class GANTask:
         real_logits, fake_logits = logits[:n], logits[n:]
         d_loss = d_loss_nonsaturating(real_logits, fake_logits)
         d_total = d_loss
+        if batch.get("poison"):  # fault injection (trainers.faults): a real NaN through the real guard
+            d_total = d_total * float("nan")
         metrics = {}
         if do_r1:
             r1 = r1_penalty(self.d.module, real)
             d_total = d_total + r1 * (self.cfg.loss.r1_gamma / 2 * lazy)
             metrics["r1"] = r1.item()
+        if not all_finite(self.dist.device, d_total):
+            return {"nonfinite_skipped": 1.0}  # skip the whole step: G would train against a broken D
         self.d.backward(d_total)
         self.d.step()
 
@@ -82,16 +87,21 @@ class GANTask:
         try:
             fake = self.g(self._z(n).to(self.g_dtype))
             g_loss = g_loss_nonsaturating(self.d.module(fake.to(self.d_dtype)))
-            self.g.backward(g_loss)
-            self.g.step()
+            g_ok = all_finite(self.dist.device, g_loss)
+            if g_ok:
+                self.g.backward(g_loss)
+                self.g.step()
         finally:
             self.d.module.requires_grad_(True)
+        if not g_ok:
+            metrics["nonfinite_skipped"] = 1.0
         if self.ema is not None:
             self.ema.update(self.g.module, self.images_per_step, self.images_seen)
 
+        if g_ok:
+            metrics["g_loss"] = g_loss.item()
         metrics.update({
             "d_loss": d_loss.item(),
-            "g_loss": g_loss.item(),
             "d_real_logit": real_logits.mean().item(),
             "d_fake_logit": fake_logits.mean().item(),
             "lr_g": self.g.get_lr()[0],

@@ -1,11 +1,11 @@
 """The shared training loop: one function, read top to bottom.
 
 A task (VAETask, GANTask) owns its engines and knows one training step; this loop owns
-everything around it: data, cadence of logs, samples and checkpoints, resume and signals.
+everything around it: data, cadence of logs, samples and checkpoints, resume, signals and
+rolling back after non-finite steps.
 """
 from __future__ import annotations
 
-import os
 import random
 import sys
 import time
@@ -20,10 +20,20 @@ from tqdm import tqdm
 from configs import to_yaml
 from data_shards.stream import make_loader, resolve_shards
 from trainers.checkpoint import Checkpointer
-from trainers.distributed import all_reduce_mean, any_rank, barrier, init_distributed, shutdown
+from trainers.distributed import any_rank, barrier, init_distributed, shutdown
 from trainers.engines import resolve_precision
+from trainers.faults import NonFiniteFault
+from trainers.guard import weights_finite
+from trainers.meter import Meter
 from trainers.run_log import RunLogger
 from trainers.signals import REQUEUE_EXIT_CODE, StopRequest
+
+
+MAX_ROLLBACKS_IN_ROW = 3
+
+
+class TrainingDiverged(RuntimeError):
+    """Non-finite steps in a row and no checkpoint to roll back to."""
 
 
 def build_task(cfg: DictConfig, dist_info, precision: str):
@@ -42,7 +52,7 @@ def seed_everything(seed: int) -> None:
 
 def train(cfg: DictConfig) -> int:
     """Run (or resume) the configured training; returns the process exit code."""
-    # Setup: processes, run directory, task, checkpoint to resume from.
+    # Setup: processes, run directory, task, the checkpoint to resume from, data.
     dist_info = init_distributed()
     run_dir = Path(cfg.run.dir)
     if dist_info.is_main:
@@ -53,13 +63,11 @@ def train(cfg: DictConfig) -> int:
     precision = resolve_precision(cfg.trainer.precision, dist_info.device)
     task = build_task(cfg, dist_info, precision)
     checkpointer = Checkpointer(run_dir / "checkpoints", dist_info, cfg.trainer.keep_checkpoints)
-    start_step = restore(cfg, task, checkpointer, dist_info)
-
+    resume_from = None if cfg.trainer.resume == "never" else (
+        checkpointer.latest() if cfg.trainer.resume == "auto" else Path(cfg.trainer.resume))
+    step, data_state = restore(task, checkpointer, resume_from, dist_info) if resume_from else (0, None)
     shards = resolve_shards(cfg.data.shards)
-    loader = make_loader(shards, cfg.data.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
-                         num_workers=cfg.data.num_workers, seed=cfg.run.seed * 100_003 + start_step,
-                         shuffle_buffer=cfg.data.shuffle_buffer, channels=cfg.data.channels,
-                         image_size=cfg.data.image_size)
+    data = DataFeed(cfg, shards, dist_info, step, data_state)
     logger = RunLogger(cfg, run_dir, enabled=dist_info.is_main)
     stop = StopRequest()
     images_per_step = cfg.data.batch_size * dist_info.world_size
@@ -67,36 +75,35 @@ def train(cfg: DictConfig) -> int:
     if dist_info.is_main:
         print(f"[gentrain] {cfg.kind} run '{cfg.run.name}' in {run_dir}: {dist_info.world_size} process(es) on "
               f"{dist_info.device.type}, {precision}, ZeRO-{cfg.trainer.zero_stage}, {len(shards)} shard(s), "
-              f"steps {start_step}->{max_steps}", flush=True)
-    bar = tqdm(total=max_steps, initial=start_step, disable=not (dist_info.is_main and cfg.trainer.progress),
+              f"steps {step}->{max_steps}", flush=True)
+    bar = tqdm(total=max_steps, initial=step, disable=not (dist_info.is_main and cfg.trainer.progress),
                unit="step", dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
 
-    # Loop.
-    sums, skipped = Counter(), Counter()
+    # Loop: one batch, one step; then whatever this step's cadence asks for.
+    meter, skipped, fault = Meter(), Counter(), NonFiniteFault()
     steps_since_log, tick = 0, time.perf_counter()
-    step, exit_code = start_step, 0
-    batches = iter(loader)
+    nonfinite_in_row, rollbacks_in_row, exit_code = 0, 0, 0
     try:
         while step < max_steps:
-            batch = next(batches)
+            batch = fault.poison(data.next(), step + 1)
             skipped.update(batch.get("skipped", {}))
             scalars = task.train_step(batch)
             step += 1
             steps_since_log += 1
-            sums.update(scalars)
+            meter.add(scalars)
             bar.update(1)
             last = step == max_steps
+            nonfinite_in_row = nonfinite_in_row + 1 if "nonfinite_skipped" in scalars else 0
 
             if step % cfg.trainer.log_every == 0 or last:
                 elapsed = time.perf_counter() - tick
-                means = all_reduce_mean({k: v / steps_since_log for k, v in sums.items()}, dist_info.device)
+                means = meter.reduce(dist_info.device)
                 means["samples_per_sec"] = steps_since_log * images_per_step / max(elapsed, 1e-9)
                 means["images_seen"] = step * images_per_step
                 means.update({f"data/skipped_{k}": v for k, v in skipped.items()})
                 logger.log(step, means)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k in task_postfix_keys(cfg)}
                                 | {"img/s": f"{means['samples_per_sec']:.0f}"}, refresh=False)
-                sums.clear()
                 steps_since_log, tick = 0, time.perf_counter()
 
             if step % cfg.trainer.sample_every == 0 or last:
@@ -104,10 +111,25 @@ def train(cfg: DictConfig) -> int:
                     for name, grid in task.samples().items():
                         logger.log_image(step, name, grid)
 
+            if nonfinite_in_row >= cfg.trainer.max_nonfinite_in_row:
+                rollbacks_in_row += 1
+                if rollbacks_in_row > MAX_ROLLBACKS_IN_ROW:
+                    raise TrainingDiverged(f"rolled back {MAX_ROLLBACKS_IN_ROW} times to the same checkpoint and the "
+                                           f"steps after it are still non-finite: stopping (lower the learning rate?)")
+                step, data = roll_back(cfg, task, checkpointer, shards, dist_info, nonfinite_in_row)
+                nonfinite_in_row = 0
+                bar.reset(total=max_steps)
+                bar.update(step)
+                continue
+
             preempted = any_rank(stop.requested, dist_info.device)
             if step % cfg.trainer.ckpt_every == 0 or last or preempted:
-                checkpointer.save(step, task.engines, rank_state(task, step), task.weights(),
-                                  {"kind": cfg.kind, "precision": precision})
+                if weights_finite(dist_info.device, [e.module for e in task.engines.values()]):
+                    checkpointer.save(step, task.engines, rank_state(task, step, data), task.weights(),
+                                      {"kind": cfg.kind, "precision": precision})
+                    rollbacks_in_row = 0
+                elif dist_info.is_main:
+                    print(f"[gentrain] step {step}: non-finite weights, checkpoint NOT written", flush=True)
             if preempted:
                 if dist_info.is_main:
                     print(f"[gentrain] signal {stop.signum}: checkpointed step {step}, exiting "
@@ -126,32 +148,74 @@ def train(cfg: DictConfig) -> int:
     return exit_code
 
 
+class DataFeed:
+    """This rank's batches, and where in the stream each of its loader workers stands.
+
+    Each batch carries its producer's position; saving the last position of every worker
+    (plus which worker comes next) is what lets a resumed run see exactly the batches the
+    uninterrupted run would have seen.
+    """
+
+    def __init__(self, cfg: DictConfig, shards: list[str], dist_info, step: int, state: dict | None):
+        workers = max(1, cfg.data.num_workers)
+        same_layout = state is not None and state.get("world_size") == dist_info.world_size \
+            and state.get("num_workers") == workers
+        self.positions = dict(state["positions"]) if same_layout else {}
+        if state is not None and not same_layout and dist_info.is_main:
+            print("[gentrain] world size or loader workers changed since the checkpoint: "
+                  "the data stream restarts with a new order (counters continue)", flush=True)
+        self.world_size, self.num_workers = dist_info.world_size, workers
+        # Loader workers hand out batches in strict rotation; after `step` batches the next one
+        # is due from logical worker step % workers, so the fresh loader's worker 0 plays it.
+        seed = cfg.run.seed if same_layout or state is None else cfg.run.seed + 7919 * step
+        loader = make_loader(shards, cfg.data.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
+                             num_workers=cfg.data.num_workers, seed=seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                             channels=cfg.data.channels, image_size=cfg.data.image_size,
+                             start_positions=self.positions, worker_offset=step % workers)
+        self._batches = iter(loader)
+
+    def next(self) -> dict:
+        batch = next(self._batches)
+        if "__position__" in batch:
+            self.positions[int(batch["__worker__"])] = batch["__position__"]
+        return batch
+
+    def state(self) -> dict:
+        return {"world_size": self.world_size, "num_workers": self.num_workers, "positions": self.positions}
+
+
 def task_postfix_keys(cfg: DictConfig) -> tuple[str, ...]:
     return ("loss", "kl") if cfg.kind == "vae" else ("d_loss", "g_loss")
 
 
-def rank_state(task, step: int) -> dict:
-    """What this rank needs to continue: counters and every RNG it draws from."""
+def rank_state(task, step: int, data: DataFeed) -> dict:
+    """What this rank needs to continue: counters, data position and every RNG it draws from."""
     return {
         "step": step,
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
         "task": task.state(),
+        "data": data.state(),
     }
 
 
-def restore(cfg: DictConfig, task, checkpointer: Checkpointer, dist_info) -> int:
-    """Load the checkpoint trainer.resume points at (auto: the run's latest); return its step."""
-    mode = cfg.trainer.resume
-    if mode == "never":
-        return 0
-    path = checkpointer.latest() if mode == "auto" else Path(mode)
-    if path is None:
-        return 0
+def restore(task, checkpointer: Checkpointer, path: Path, dist_info) -> tuple[int, dict | None]:
+    """Load a checkpoint into the task and RNGs; return (step, data state)."""
     state, weights = checkpointer.load(path, task.engines)
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     task.load_state(state["task"], weights)
     if dist_info.is_main:
         print(f"[gentrain] resumed from {path} at step {state['step']}", flush=True)
-    return int(state["step"])
+    return int(state["step"]), state.get("data")
+
+
+def roll_back(cfg, task, checkpointer: Checkpointer, shards, dist_info, bad_steps: int):
+    """After too many non-finite steps in a row: back to the last checkpoint, with its data position."""
+    path = checkpointer.latest()
+    if path is None:
+        raise TrainingDiverged(f"{bad_steps} non-finite steps in a row and no checkpoint to roll back to")
+    if dist_info.is_main:
+        print(f"[gentrain] {bad_steps} non-finite steps in a row: rolling back to {path}", flush=True)
+    step, data_state = restore(task, checkpointer, path, dist_info)
+    return step, DataFeed(cfg, shards, dist_info, step, data_state)

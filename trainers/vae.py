@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 from models import ConvVAE
 from trainers.distributed import DistInfo
 from trainers.engines import make_engine, module_dtype
+from trainers.guard import all_finite
 from trainers.images import make_grid, to_uint8
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -56,6 +57,10 @@ class VAETask:
         nll_b = reconstruction_nll(out.logits_bchw, x, self.cfg.loss.likelihood)
         kl_b = kl_to_standard_normal(out.mean_bz, out.logvar_bz).sum(1)
         loss = (nll_b + self.cfg.loss.beta * kl_b).mean()
+        if batch.get("poison"):  # fault injection (trainers.faults): a real NaN through the real guard
+            loss = loss * float("nan")
+        if not all_finite(self.dist.device, loss):
+            return {"nonfinite_skipped": 1.0}  # no backward, no step: the weights stay as they were
         self.engine.backward(loss)
         self.engine.step()
         neg_elbo = (nll_b + kl_b).mean().item()
@@ -75,7 +80,8 @@ class VAETask:
         grids = {"samples": make_grid(to_uint8(prior, (0, 1)), nrow=8)}
         if self._last_batch is not None:
             x = self._last_batch
-            recon = torch.sigmoid(vae(x.to(self.dtype), generator=self.noise).logits_bchw.float())
+            # The posterior mean, not a sample: grids must not draw from the training noise stream.
+            recon = torch.sigmoid(vae.decode(vae.encode(x.to(self.dtype))[0]).float())
             pairs = torch.stack([x, recon], 1).flatten(0, 1)
             grids["reconstructions"] = make_grid(to_uint8(pairs, (0, 1)), nrow=8)
         return grids
