@@ -92,3 +92,22 @@ def test_non_finite_steps_are_skipped_counted_and_rolled_back(tmp_path, digit_sh
     assert all(isinstance(v, (int, float)) and v == v for r in records for v in r.values())  # no NaN logged
     weights = load_file(run_dir / "checkpoints" / "step-0000012" / "weights.safetensors")
     assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_resume_at_another_world_size_keeps_counters(tmp_path, digit_shards):
+    run_dir = tmp_path / "elastic"
+    args = lambda nproc, steps: ["launch", "--nproc-per-node", nproc, "configs/gan_digits.yaml",  # noqa: E731
+                                 f"run.dir={run_dir}", f"data.shards={digit_shards}", "data.batch_size=16",
+                                 "trainer.log_every=2", "trainer.ckpt_every=4", "trainer.progress=false",
+                                 f"trainer.max_steps={steps}"]
+    run_gentrain(*args(2, 4))
+    shrink = run_gentrain(*args(1, 8))
+    grow = run_gentrain(*args(2, 12))
+    for out, before, now in [(shrink, 2, 1), (grow, 1, 2)]:
+        assert f"written by {before} process(es), this run has {now}" in out.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4, 6, 8, 10, 12]
+    # images seen: 4 steps x 32, then 4 x 16, then 4 x 32
+    assert [r["images_seen"] for r in records] == [64, 128, 160, 192, 256, 320]
+    d_losses = [r["d_loss"] for r in records]
+    assert all(0.1 < d < 3.0 for d in d_losses), d_losses  # the curve continues, no blow-up at a resize

@@ -91,10 +91,21 @@ class Checkpointer:
 
     # ---- loading --------------------------------------------------------------------------
     def load(self, path: Path, engines: dict) -> tuple[dict, dict[str, torch.Tensor]]:
-        """Restore engines in place; return this rank's trainer state and the fp32 weights."""
+        """Restore engines in place; return this rank's trainer state and the fp32 weights.
+
+        At another world size ZeRO's optimizer partitions do not fit, so only the weights are
+        restored and the optimizer starts afresh (said on stdout); counters carry on.
+        """
+        saved_world = json.loads((path / COMPLETE).read_text()).get("world_size", self.dist.world_size)
+        same_world = saved_world == self.dist.world_size
+        if not same_world and self.dist.is_main:
+            print(f"[gentrain] checkpoint {path.name} was written by {saved_world} process(es), this run has "
+                  f"{self.dist.world_size}: restoring weights, EMA and counters; optimizer state starts afresh",
+                  flush=True)
         for name, engine in engines.items():
-            load_path, _ = engine.load_checkpoint(str(path / name), tag=DS_TAG,
-                                                  load_optimizer_states=True, load_lr_scheduler_states=True)
+            load_path, _ = engine.load_checkpoint(str(path / name), tag=DS_TAG, load_module_only=not same_world,
+                                                  load_optimizer_states=same_world,
+                                                  load_lr_scheduler_states=same_world)
             if load_path is None:
                 raise FileNotFoundError(f"checkpoint {path} has no state for engine '{name}'")
         own = path / f"trainer-rank{self.dist.rank:05d}.pt"

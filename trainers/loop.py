@@ -65,7 +65,8 @@ def train(cfg: DictConfig) -> int:
     checkpointer = Checkpointer(run_dir / "checkpoints", dist_info, cfg.trainer.keep_checkpoints)
     resume_from = None if cfg.trainer.resume == "never" else (
         checkpointer.latest() if cfg.trainer.resume == "auto" else Path(cfg.trainer.resume))
-    step, data_state = restore(task, checkpointer, resume_from, dist_info) if resume_from else (0, None)
+    step, images_seen, data_state = restore(task, checkpointer, resume_from, dist_info) if resume_from \
+        else (0, 0, None)
     shards = resolve_shards(cfg.data.shards)
     data = DataFeed(cfg, shards, dist_info, step, data_state)
     logger = RunLogger(cfg, run_dir, enabled=dist_info.is_main)
@@ -89,6 +90,7 @@ def train(cfg: DictConfig) -> int:
             skipped.update(batch.get("skipped", {}))
             scalars = task.train_step(batch)
             step += 1
+            images_seen += images_per_step
             steps_since_log += 1
             meter.add(scalars)
             bar.update(1)
@@ -99,7 +101,7 @@ def train(cfg: DictConfig) -> int:
                 elapsed = time.perf_counter() - tick
                 means = meter.reduce(dist_info.device)
                 means["samples_per_sec"] = steps_since_log * images_per_step / max(elapsed, 1e-9)
-                means["images_seen"] = step * images_per_step
+                means["images_seen"] = images_seen
                 means.update({f"data/skipped_{k}": v for k, v in skipped.items()})
                 logger.log(step, means)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k in task_postfix_keys(cfg)}
@@ -116,7 +118,7 @@ def train(cfg: DictConfig) -> int:
                 if rollbacks_in_row > MAX_ROLLBACKS_IN_ROW:
                     raise TrainingDiverged(f"rolled back {MAX_ROLLBACKS_IN_ROW} times to the same checkpoint and the "
                                            f"steps after it are still non-finite: stopping (lower the learning rate?)")
-                step, data = roll_back(cfg, task, checkpointer, shards, dist_info, nonfinite_in_row)
+                step, images_seen, data = roll_back(cfg, task, checkpointer, shards, dist_info, nonfinite_in_row)
                 nonfinite_in_row = 0
                 bar.reset(total=max_steps)
                 bar.update(step)
@@ -125,7 +127,7 @@ def train(cfg: DictConfig) -> int:
             preempted = any_rank(stop.requested, dist_info.device)
             if step % cfg.trainer.ckpt_every == 0 or last or preempted:
                 if weights_finite(dist_info.device, [e.module for e in task.engines.values()]):
-                    checkpointer.save(step, task.engines, rank_state(task, step, data), task.weights(),
+                    checkpointer.save(step, task.engines, rank_state(task, step, images_seen, data), task.weights(),
                                       {"kind": cfg.kind, "precision": precision})
                     rollbacks_in_row = 0
                 elif dist_info.is_main:
@@ -188,10 +190,11 @@ def task_postfix_keys(cfg: DictConfig) -> tuple[str, ...]:
     return ("loss", "kl") if cfg.kind == "vae" else ("d_loss", "g_loss")
 
 
-def rank_state(task, step: int, data: DataFeed) -> dict:
+def rank_state(task, step: int, images_seen: int, data: DataFeed) -> dict:
     """What this rank needs to continue: counters, data position and every RNG it draws from."""
     return {
         "step": step,
+        "images_seen": images_seen,
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
         "task": task.state(),
@@ -199,15 +202,15 @@ def rank_state(task, step: int, data: DataFeed) -> dict:
     }
 
 
-def restore(task, checkpointer: Checkpointer, path: Path, dist_info) -> tuple[int, dict | None]:
-    """Load a checkpoint into the task and RNGs; return (step, data state)."""
+def restore(task, checkpointer: Checkpointer, path: Path, dist_info) -> tuple[int, int, dict | None]:
+    """Load a checkpoint into the task and RNGs; return (step, images seen, data state)."""
     state, weights = checkpointer.load(path, task.engines)
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     task.load_state(state["task"], weights)
     if dist_info.is_main:
         print(f"[gentrain] resumed from {path} at step {state['step']}", flush=True)
-    return int(state["step"]), state.get("data")
+    return int(state["step"]), int(state["images_seen"]), state.get("data")
 
 
 def roll_back(cfg, task, checkpointer: Checkpointer, shards, dist_info, bad_steps: int):
@@ -217,5 +220,5 @@ def roll_back(cfg, task, checkpointer: Checkpointer, shards, dist_info, bad_step
         raise TrainingDiverged(f"{bad_steps} non-finite steps in a row and no checkpoint to roll back to")
     if dist_info.is_main:
         print(f"[gentrain] {bad_steps} non-finite steps in a row: rolling back to {path}", flush=True)
-    step, data_state = restore(task, checkpointer, path, dist_info)
-    return step, DataFeed(cfg, shards, dist_info, step, data_state)
+    step, images_seen, data_state = restore(task, checkpointer, path, dist_info)
+    return step, images_seen, DataFeed(cfg, shards, dist_info, step, data_state)
