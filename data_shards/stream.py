@@ -38,6 +38,7 @@ from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
+from data_shards.errors import NoValidSamples
 from data_shards.decode import (
     BAD_LABEL,
     DECODE_ERROR,
@@ -442,7 +443,7 @@ class ShardStream(IterableDataset):
             consumers that move the batch to an accelerator first and reorder it there.
 
     Raises (while iterating):
-        RuntimeError: a whole pass over this slot's shards produced no valid sample.
+        NoValidSamples: a whole pass over this slot's shards produced no valid sample.
     """
 
     def __init__(
@@ -536,7 +537,7 @@ class ShardStream(IterableDataset):
                     )
                     share_all = True
                     continue
-                raise RuntimeError(
+                raise NoValidSamples(
                     f"no valid samples in shards: {_describe(self._slot_urls(slot, num_slots, share_all))} "
                     f"(slot {slot} of {num_slots}; skipped {dict(stats.skipped)})"
                 )

@@ -111,3 +111,33 @@ def test_resume_at_another_world_size_keeps_counters(tmp_path, digit_shards):
     assert [r["images_seen"] for r in records] == [64, 128, 160, 192, 256, 320]
     d_losses = [r["d_loss"] for r in records]
     assert all(0.1 < d < 3.0 for d in d_losses), d_losses  # the curve continues, no blow-up at a resize
+
+
+def test_training_on_corrupt_shards_skips_and_counts_every_bad_sample(tmp_path):
+    """The stream tests' planted corruption, trained on: 3 passes, every bad sample counted 3 times."""
+    from tests.test_stream import PLANTED, build_corrupt_shards
+
+    (tmp_path / "shards").mkdir()
+    shards, _ = build_corrupt_shards(tmp_path / "shards")
+    (shards / "shard-000002.tar").write_bytes(bytes(10240))  # an empty shard: just end-of-archive blocks
+    run_dir = tmp_path / "run"
+    # 18 valid samples, batch 6, no shuffle window: exactly 3 passes in 9 steps.
+    run_gentrain("train", "configs/vae_digits.yaml", f"run.dir={run_dir}", f"data.shards={shards}",
+                 "data.image_size=16", "data.batch_size=6", "data.shuffle_buffer=1", "trainer.max_steps=9",
+                 "trainer.log_every=9", "trainer.progress=false", "model.base_channels=8")
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert {k[len("data/skipped_"):]: v for k, v in last.items() if k.startswith("data/skipped_")} == \
+        {reason: 3 * n for reason, n in PLANTED.items()}
+    assert last["loss"] == last["loss"]  # finite
+
+
+def test_shards_with_no_valid_sample_stop_with_one_clear_line(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    from tests.test_stream import write_tar
+
+    write_tar(bad / "shard-000000.tar", [("a", [("png", b"not a png")]), ("b", [("cls", b"1")])])
+    proc = run_gentrain("train", "configs/vae_digits.yaml", f"run.dir={tmp_path / 'run'}", f"data.shards={bad}",
+                        "trainer.max_steps=3", "data.num_workers=0", "trainer.progress=false", check=False, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("gentrain: error: no valid samples in shards")

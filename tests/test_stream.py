@@ -189,6 +189,10 @@ PLANTED = Counter(decode_error=2, bad_label=1, too_large=2, missing_image=1, tru
 
 @pytest.fixture
 def corrupt_shards(tmp_path) -> tuple[Path, set[str]]:
+    return build_corrupt_shards(tmp_path)
+
+
+def build_corrupt_shards(tmp_path: Path) -> tuple[Path, set[str]]:
     """Two shards with one of each kind of damage; returns (dir, keys of the valid samples)."""
     valid = lambda key, seed: (key, [("cls", str(seed % 10).encode()), ("png", png_bytes(seed=seed))])  # noqa: E731
     good = png_bytes(seed=99)

@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from configs import to_yaml
-from data_shards.stream import make_loader, resolve_shards
+from data_shards.stream import NoValidSamples, make_loader, resolve_shards
 from trainers.checkpoint import Checkpointer
 from trainers.distributed import any_rank, barrier, init_distributed, shutdown
 from trainers.engines import resolve_precision
@@ -177,7 +177,14 @@ class DataFeed:
         self._batches = iter(loader)
 
     def next(self) -> dict:
-        batch = next(self._batches)
+        try:
+            batch = next(self._batches)
+        except RuntimeError as err:
+            # A loader worker's exception arrives re-wrapped with its traceback in the text.
+            if "NoValidSamples" in str(err) or isinstance(err, NoValidSamples):
+                reason = next((ln for ln in str(err).splitlines() if "no valid samples" in ln), str(err))
+                raise NoValidSamples(reason.split("NoValidSamples: ")[-1].strip()) from None
+            raise
         if "__position__" in batch:
             self.positions[int(batch["__worker__"])] = batch["__position__"]
         return batch
