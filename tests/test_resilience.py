@@ -141,3 +141,15 @@ def test_shards_with_no_valid_sample_stop_with_one_clear_line(tmp_path):
                         "trainer.max_steps=3", "data.num_workers=0", "trainer.progress=false", check=False, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("gentrain: error: no valid samples in shards")
+
+
+def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, digit_shards):
+    run_dir = tmp_path / "damaged"
+    args = ["train", "configs/vae_digits.yaml", f"run.dir={run_dir}", f"data.shards={digit_shards}",
+            "data.batch_size=16", "trainer.ckpt_every=3", "trainer.keep_checkpoints=3", "trainer.progress=false"]
+    run_gentrain(*args, "trainer.max_steps=6")
+    weights = run_dir / "checkpoints" / "step-0000006" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # bit rot / a half-copied file
+    proc = run_gentrain(*args, "trainer.max_steps=8")
+    assert "skipping checkpoint step-0000006: weights.safetensors does not match" in proc.stdout
+    assert "resumed from" in proc.stdout and "step-0000003 at step 3" in proc.stdout

@@ -4,13 +4,16 @@ Layout of one checkpoint, `checkpoints/step-0000500/`:
     <engine>/state/...          DeepSpeed's own files for each engine (g, d, vae)
     trainer-rank00000.pt        this rank's step counters and RNG states (tensors and ints only)
     weights.safetensors         fp32 weights (and EMA) for `gentrain sample` / `export`
-    COMPLETE                    written last: a directory without it is never loaded
+    COMPLETE                    written last, with the size and sha256 of every file above: a
+                                directory without it, or whose files no longer match it, is
+                                never loaded (the previous checkpoint is used instead)
 `checkpoints/latest` names the newest complete one; it moves only after COMPLETE exists.
 A checkpoint is written under `step-0000500.partial/` and renamed when every rank is done, so a
 process killed mid-save leaves the previous checkpoint as the newest complete one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -20,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainers.distributed import DistInfo, barrier
+from trainers.distributed import DistInfo, any_rank, barrier
 
 COMPLETE = "COMPLETE"
 DS_TAG = "state"
@@ -45,6 +48,17 @@ class Checkpointer:
             return []
         dirs = [p for p in self.root.glob("step-*") if p.is_dir() and (p / COMPLETE).exists()]
         return sorted(dirs, key=lambda p: p.name)
+
+    def latest_verified(self) -> Path | None:
+        """The newest complete checkpoint whose files match their digests (every rank agrees)."""
+        for path in reversed(self.complete_checkpoints()):
+            problem = verify(path)
+            if not any_rank(problem is not None, self.dist.device):
+                return path
+            if self.dist.is_main:
+                print(f"[gentrain] WARNING: skipping checkpoint {path.name}: {problem or 'failed on another rank'}",
+                      flush=True)
+        return None
 
     def latest(self) -> Path | None:
         pointer = self.root / "latest"
@@ -74,8 +88,10 @@ class Checkpointer:
                       str(partial / "weights.safetensors"), metadata={"step": str(step)})
         barrier()
         if self.dist.is_main:
+            files = file_digests(partial)
             meta = {**meta, "step": step, "world_size": self.dist.world_size, "saved_at": time.time(),
-                    "seconds": round(time.perf_counter() - started, 3)}
+                    "seconds": round(time.perf_counter() - started, 3),
+                    "megabytes": round(sum(size for size, _ in files.values()) / 2**20, 3), "files": files}
             (partial / COMPLETE).write_text(json.dumps(meta, indent=1))
             if final.exists():
                 shutil.rmtree(final)
@@ -113,3 +129,33 @@ class Checkpointer:
         rank_state = torch.load(state_file, map_location="cpu", weights_only=True)
         weights = load_file(str(path / "weights.safetensors"))
         return rank_state, weights
+
+
+def file_digests(root: Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file under root."""
+    out = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        out[str(path.relative_to(root))] = [path.stat().st_size, digest.hexdigest()]
+    return out
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint's files match what COMPLETE recorded, else what is wrong."""
+    try:
+        recorded = json.loads((path / COMPLETE).read_text()).get("files")
+    except (OSError, ValueError) as err:
+        return f"unreadable {COMPLETE} ({err})"
+    if recorded is None:
+        return None  # written before digests were recorded
+    actual = file_digests(path)
+    actual.pop(COMPLETE, None)
+    for name, (size, digest) in recorded.items():
+        if name not in actual:
+            return f"{name} is missing"
+        if actual[name] != [size, digest]:
+            return f"{name} does not match its recorded size/sha256"
+    return None

@@ -64,7 +64,7 @@ def train(cfg: DictConfig) -> int:
     task = build_task(cfg, dist_info, precision)
     checkpointer = Checkpointer(run_dir / "checkpoints", dist_info, cfg.trainer.keep_checkpoints)
     resume_from = None if cfg.trainer.resume == "never" else (
-        checkpointer.latest() if cfg.trainer.resume == "auto" else Path(cfg.trainer.resume))
+        checkpointer.latest_verified() if cfg.trainer.resume == "auto" else Path(cfg.trainer.resume))
     step, images_seen, data_state = restore(task, checkpointer, resume_from, dist_info) if resume_from \
         else (0, 0, None)
     shards = resolve_shards(cfg.data.shards)
@@ -222,7 +222,7 @@ def restore(task, checkpointer: Checkpointer, path: Path, dist_info) -> tuple[in
 
 def roll_back(cfg, task, checkpointer: Checkpointer, shards, dist_info, bad_steps: int):
     """After too many non-finite steps in a row: back to the last checkpoint, with its data position."""
-    path = checkpointer.latest()
+    path = checkpointer.latest_verified()
     if path is None:
         raise TrainingDiverged(f"{bad_steps} non-finite steps in a row and no checkpoint to roll back to")
     if dist_info.is_main:
