@@ -159,3 +159,35 @@ def verify(path: Path) -> str | None:
         if actual[name] != [size, digest]:
             return f"{name} does not match its recorded size/sha256"
     return None
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint: fp32 weights (and EMA) and each rank's optimizer state.
+
+    What two runs are compared on to decide that they are bitwise the same.
+    """
+    from trainers.safe_load import safe_torch_load
+
+    path = Path(path)
+    tensors = {f"weights/{k}": v for k, v in load_file(str(path / "weights.safetensors")).items()}
+
+    def walk(obj, prefix):
+        if isinstance(obj, torch.Tensor):
+            tensors[prefix] = obj
+        elif isinstance(obj, dict):
+            for key in sorted(obj, key=str):
+                walk(obj[key], f"{prefix}.{key}")
+        elif isinstance(obj, (list, tuple)):
+            for i, value in enumerate(obj):
+                walk(value, f"{prefix}.{i}")
+
+    for f in sorted(path.glob("*/state/*optim_states.pt")):
+        walk(safe_torch_load(f)["optimizer_state_dict"], f"{f.parent.parent.name}/{f.name}")
+    return tensors
+
+
+def differing_tensors(a: Path, b: Path) -> list[str]:
+    """Names of the tensors that differ (in presence, shape or any bit) between two checkpoints."""
+    ta, tb = checkpoint_tensors(a), checkpoint_tensors(b)
+    names = sorted(set(ta) | set(tb))
+    return [n for n in names if n not in ta or n not in tb or not torch.equal(ta[n], tb[n])]

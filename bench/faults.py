@@ -1,0 +1,106 @@
+"""Fault-injection benchmark: kill -9 a 2-process run at random moments, resume, compare bitwise.
+
+    python -m bench.faults --trials 20 --preset gan          (make bench-faults)
+
+Each trial starts the run, waits until a first checkpoint exists, sleeps a random fraction
+of the rest of an uninterrupted run's duration, kills the whole process group with SIGKILL,
+relaunches the same command (which resumes by itself) and compares every tensor of the final
+checkpoint (weights, EMA, each rank's optimizer state) with the uninterrupted run's.
+Results: bench/faults.json and a line per trial on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from trainers.checkpoint import differing_tensors
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 30
+
+
+def gentrain(*args: str) -> list[str]:
+    return [sys.executable, "-m", "launcher.cli", *args]
+
+
+def launch_cmd(preset: str, run_dir: Path, shards: Path) -> list[str]:
+    return gentrain("launch", "--nproc-per-node", "2", f"configs/{preset}_digits.yaml", f"run.dir={run_dir}",
+                    f"data.shards={shards}", "data.batch_size=16", "data.shuffle_buffer=64", "trainer.log_every=5",
+                    "trainer.sample_every=10", "trainer.ckpt_every=4", "trainer.progress=false",
+                    f"trainer.max_steps={STEPS}", "wandb.mode=disabled")
+
+
+def latest(run_dir: Path) -> Path | None:
+    pointer = run_dir / "checkpoints" / "latest"
+    return run_dir / "checkpoints" / pointer.read_text().strip() if pointer.exists() else None
+
+
+def run_quiet(cmd: list[str]) -> None:
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def trial(preset: str, work: Path, shards: Path, reference: Path, duration: float, rng: random.Random) -> dict:
+    run_dir = work / "interrupted"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    started = time.perf_counter()
+    proc = subprocess.Popen(launch_cmd(preset, run_dir, shards), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    while latest(run_dir) is None and proc.poll() is None:
+        time.sleep(0.1)
+    waited = time.perf_counter() - started
+    time.sleep(rng.uniform(0.0, max(0.5, duration - waited)))
+    finished_first = proc.poll() is not None
+    if not finished_first:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_after = latest(run_dir).name if latest(run_dir) else None
+    run_quiet(launch_cmd(preset, run_dir, shards))
+    differing = differing_tensors(latest(reference), latest(run_dir))
+    return {"killed_after_checkpoint": killed_after, "killed_at_seconds": round(time.perf_counter() - started, 2),
+            "finished_before_kill": finished_first, "matched": not differing, "differing_tensors": len(differing)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--preset", choices=["vae", "gan"], default="gan")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "faults.json"))
+    args = parser.parse_args()
+
+    rng = random.Random(args.seed)
+    work = Path(tempfile.mkdtemp(prefix="gentrain-faults-"))
+    shards = work / "digits"
+    run_quiet(gentrain("shards", "build", "digits", "--out", str(shards), "--quiet"))
+    reference = work / "reference"
+    t0 = time.perf_counter()
+    run_quiet(launch_cmd(args.preset, reference, shards))
+    duration = time.perf_counter() - t0
+    print(f"uninterrupted {args.preset} run: {STEPS} steps in {duration:.1f} s", flush=True)
+
+    results = []
+    for i in range(args.trials):
+        result = trial(args.preset, work, shards, reference, duration, rng)
+        results.append(result)
+        print(f"trial {i + 1:2d}: killed after {result['killed_after_checkpoint']} at {result['killed_at_seconds']} s"
+              f" -> {'bitwise identical' if result['matched'] else 'DIFFERENT'}", flush=True)
+    matched = sum(r["matched"] for r in results)
+    summary = {"preset": args.preset, "steps": STEPS, "trials": len(results), "matched_exactly": matched,
+               "machine": f"{os.cpu_count()} cores", "results": results}
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+    print(f"{matched} of {len(results)} resumed runs bitwise identical to the uninterrupted run -> {args.out}")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if matched == len(results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
