@@ -104,9 +104,27 @@ class VAEModelConfig:
 @dataclass
 class VAELossConfig:
     likelihood: str = "bernoulli"
-    """bernoulli (pixels in [0,1] as probabilities), gaussian (fixed unit-variance) or l2."""
+    """bernoulli (pixels in [0,1] as probabilities), gaussian (scale fixed or learned), l1 or l2 (errors, not likelihoods)."""
+    gaussian_scale: float = 0.1
+    """Standard deviation of the Gaussian likelihood when it is fixed."""
+    learn_scale: bool = False
+    """Gaussian likelihood: learn one log standard deviation instead of gaussian_scale."""
     beta: float = 1.0
-    """Weight of the KL term."""
+    """Weight of the KL term (its maximum, under a schedule)."""
+    beta_schedule: str = "constant"
+    """constant, warmup (linear 0 -> beta over beta_warmup_steps) or cyclical (Fu et al. 2019)."""
+    beta_warmup_steps: int = 1000
+    """Steps of the linear warm-up (warmup schedule)."""
+    beta_cycle_steps: int = 1000
+    """Length of one cycle (cyclical schedule)."""
+    beta_cycle_ramp: float = 0.5
+    """Fraction of each cycle spent ramping beta up; the rest holds it at beta."""
+    free_bits: float = 0.0
+    """Nats per latent dimension below which its (minibatch-averaged) KL is not penalised (Kingma et al. 2016)."""
+    diagnostics_every: int = 100
+    """Steps between posterior diagnostics (KL per dimension, active units, mutual information)."""
+    collapse_active_units: int = 0
+    """Alert when the active units drop to this number or fewer (posterior collapse)."""
 
 
 @dataclass
@@ -170,7 +188,8 @@ CHOICES = {
     "trainer.zero_stage": (1, 2),
     "wandb.mode": ("offline", "online", "disabled"),
     "data.channels": (1, 3),
-    "loss.likelihood": ("bernoulli", "gaussian", "l2"),
+    "loss.likelihood": ("bernoulli", "gaussian", "l1", "l2"),
+    "loss.beta_schedule": ("constant", "warmup", "cyclical"),
     "loss.loss": ("nonsaturating",),
     "model.arch": ("dcgan", "mlp"),
 }

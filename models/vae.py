@@ -1,6 +1,7 @@
 """A convolutional VAE: encoder -> (mean, log-variance), reparameterised sample, decoder."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,8 +22,11 @@ class VAEOutput:
 class ConvVAE(nn.Module):
     """Encoder halves the resolution down to 4x4, a linear layer gives mean and log-variance."""
 
-    def __init__(self, image_size: int = 32, channels: int = 1, latent_dim: int = 16, base_channels: int = 32):
+    def __init__(self, image_size: int = 32, channels: int = 1, latent_dim: int = 16, base_channels: int = 32,
+                 learn_scale: bool = False, init_scale: float = 0.1):
         super().__init__()
+        # One learned log standard deviation for a Gaussian decoder (None when it is fixed).
+        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale))) if learn_scale else None
         steps = num_resolution_steps(image_size)
         chans = widths(base_channels, steps)
         self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim

@@ -10,6 +10,8 @@ from tests.conftest import run_gentrain
 pytestmark = pytest.mark.slow
 
 VAE_KEYS = {"step", "loss", "recon_nll", "kl", "neg_elbo_nats_per_dim", "lr", "samples_per_sec", "images_seen"}
+DIAGNOSTIC_KEYS = {"active_units", "mutual_info", "kl_dim/00", "interp/smoothness_cv_linear",
+                   "interp/smoothness_cv_slerp", "alert/posterior_collapse", "beta"}
 GAN_KEYS = {"step", "d_loss", "g_loss", "d_real_logit", "d_fake_logit", "lr_g", "lr_d", "r1", "samples_per_sec"}
 
 
@@ -46,8 +48,10 @@ def assert_run_outputs(run_dir, keys, last_step):
 
 def test_vae_two_processes_zero1(tmp_path, digit_shards):
     run_dir = tmp_path / "vae"
-    launch("configs/vae_digits.yaml", run_dir, digit_shards, "trainer.max_steps=8")
-    records = assert_run_outputs(run_dir, VAE_KEYS, 8)
+    launch("configs/vae_digits.yaml", run_dir, digit_shards, "trainer.max_steps=8", "loss.diagnostics_every=4")
+    records = assert_run_outputs(run_dir, VAE_KEYS | DIAGNOSTIC_KEYS, 8)
+    assert list((run_dir / "samples").glob("interpolation_slerp-*.png"))
+    assert list((run_dir / "samples").glob("reconstructions-*.png"))
     assert records[-1]["loss"] < records[0]["loss"]
     assert records[-1]["images_seen"] == 8 * 16 * 2
 

@@ -45,9 +45,9 @@ def load_sampler(run_dir: str | Path) -> tuple[torch.nn.Module, object]:
     """The network that generates samples: the EMA generator, the generator, or the VAE."""
     cfg, weights = load_run(run_dir)
     if cfg.kind == "vae":
-        from models import ConvVAE
+        from trainers.vae import build_vae
 
-        net = ConvVAE(cfg.data.image_size, cfg.data.channels, cfg.model.latent_dim, cfg.model.base_channels)
+        net = build_vae(cfg)
         net.load_state_dict(_submodule(weights, "vae."))
     else:
         from trainers.gan import build_networks

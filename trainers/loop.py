@@ -104,6 +104,7 @@ def train(cfg: DictConfig) -> int:
                 means["images_seen"] = images_seen
                 means.update({f"data/skipped_{k}": v for k, v in skipped.items()})
                 logger.log(step, means)
+                raise_alerts(logger, step, means, dist_info)
                 bar.set_postfix({k: f"{v:.3g}" for k, v in means.items() if k in task_postfix_keys(cfg)}
                                 | {"img/s": f"{means['samples_per_sec']:.0f}"}, refresh=False)
                 steps_since_log, tick = 0, time.perf_counter()
@@ -191,6 +192,15 @@ class DataFeed:
 
     def state(self) -> dict:
         return {"world_size": self.world_size, "num_workers": self.num_workers, "positions": self.positions}
+
+
+def raise_alerts(logger: RunLogger, step: int, means: dict[str, float], dist_info) -> None:
+    """A task reports `alert/<name>` > 0 when its diagnostics say the run is failing."""
+    for key, value in means.items():
+        if key.startswith("alert/") and value > 0 and dist_info.is_main:
+            name = key[len("alert/"):].replace("_", " ")
+            print(f"[gentrain] ALERT step {step}: {name} ({key}={value:.2f})", flush=True)
+            logger.alert(f"gentrain: {name}", f"step {step}: {key}={value:.2f} in run {logger.run_dir}")
 
 
 def task_postfix_keys(cfg: DictConfig) -> tuple[str, ...]:
