@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/gentrain/torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-quick bench clean
+.PHONY: install demo test test-quick test-slurm test-multinode bench clean
 
 install: $(VENV)/.installed
 
@@ -22,11 +22,23 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 demo: install
 	$(PY) -m launcher.demo
 
+# The SLURM and multi-node tests need root and run under their own targets below.
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slurm and not multinode" $(PYTEST_ARGS)
 
 test-quick: install
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Need root: installs Debian's SLURM + munge (no services started) and runs a real 2-node cluster.
+test-slurm: install
+	@[ "$$(id -u)" = 0 ] || { echo "make test-slurm needs root (it installs and starts SLURM)"; exit 1; }
+	bash tests/cluster/install_slurm.sh
+	GENTRAIN_TEST_SLURM=1 $(PY) -m pytest -m slurm -s tests/test_slurm.py $(PYTEST_ARGS)
+
+# Needs root: two network namespaces as two hosts, one torchrun in each.
+test-multinode: install
+	@[ "$$(id -u)" = 0 ] || { echo "make test-multinode needs root (it creates network namespaces)"; exit 1; }
+	$(PY) -m pytest -m multinode -s tests/test_multinode.py $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m bench.run

@@ -142,15 +142,52 @@ class GANModelConfig:
 @dataclass
 class GANLossConfig:
     loss: str = "nonsaturating"
-    """nonsaturating (logistic) GAN loss."""
+    """nonsaturating (logistic, -log D(G(z)) for G), hinge (D: relu(1-r)+relu(1+f); G: -f) or
+    wasserstein (D: f-r; G: -f; pair it with gp_gamma > 0)."""
     r1_gamma: float = 1.0
-    """R1 gradient penalty weight on real data (0 turns it off); computed in fp32."""
+    """R1 weight: gamma/2 * E||grad_x D(x)||^2 on real data (0 turns it off); computed in fp32."""
+    r2_gamma: float = 0.0
+    """R2 weight: the same zero-centred penalty on generated data (0 turns it off); fp32."""
+    gp_gamma: float = 0.0
+    """WGAN-GP weight lambda: lambda * E(||grad D(x_hat)|| - 1)^2 on random interpolates of real
+    and generated data (0 turns it off; 10 in the WGAN-GP paper); fp32."""
     r1_every: int = 4
-    """Lazy regularisation: apply R1 every k steps, scaled by k (StyleGAN2)."""
+    """Lazy regularisation interval k for every penalty above (R1, R2, WGAN-GP): they run on every
+    k-th step, scaled by k, and D's Adam gets lr*c and betas**c with c = k/(k+1) (StyleGAN2)."""
+    lazy_compensation: bool = True
+    """Apply StyleGAN2's lr/beta compensation for lazy regularisation (only when r1_every > 1 and a
+    penalty is on)."""
+    d_steps: int = 1
+    """Discriminator updates per generator update. Each loop step's real batch is split into
+    d_steps equal chunks, one per D update (data.batch_size must be divisible by d_steps); the
+    generator update then uses data.batch_size fresh latents."""
+    augment: List[str] = field(default_factory=list)
+    """Differentiable augmentation (DiffAugment) applied to real and generated images before D, in
+    both phases: any of translation, cutout, color; empty turns it off. Images only."""
     ema_halflife_kimg: float = 2.0
     """Half-life of the generator EMA in thousands of images seen (0 turns EMA off)."""
     ema_rampup: float = 0.05
     """EMA half-life ramp-up as a fraction of images seen (StyleGAN2-ADA); 0 turns it off."""
+
+
+@dataclass
+class GANDiagnosticsConfig:
+    every: int = 100
+    """Steps between collapse diagnostics (0 turns them off). Cheap ones (logits, r_t) run every step."""
+    num_samples: int = 0
+    """Generated samples scored for mode coverage per diagnostic; 0 picks 2,500 for 2-D points
+    (the VEEGAN/PacGAN protocol) and 500 for images."""
+    near_duplicate: float = 0.05
+    """Two samples are near-duplicates when closer than this fraction of the real batch's mean
+    pairwise distance."""
+    alert_min_coverage: float = 0.5
+    """Alert when the fraction of modes/classes covered falls below this (where coverage is known)."""
+    alert_min_diversity: float = 0.25
+    """Alert when generated/real mean pairwise distance falls below this."""
+    alert_after_steps: int = 500
+    """No alert before this step (a fresh generator is a collapsed blob by construction)."""
+    alert_patience: int = 2
+    """Consecutive collapsed diagnostics before the alert fires."""
 
 
 @dataclass
@@ -174,6 +211,8 @@ class GANConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: GANModelConfig = field(default_factory=GANModelConfig)
     loss: GANLossConfig = field(default_factory=GANLossConfig)
+    diagnostics: GANDiagnosticsConfig = field(default_factory=GANDiagnosticsConfig)
+    """Collapse diagnostics and the collapse alert."""
     optim: GANOptimConfig = field(default_factory=GANOptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
@@ -190,6 +229,6 @@ CHOICES = {
     "data.channels": (1, 3),
     "loss.likelihood": ("bernoulli", "gaussian", "l1", "l2"),
     "loss.beta_schedule": ("constant", "warmup", "cyclical"),
-    "loss.loss": ("nonsaturating",),
+    "loss.loss": ("nonsaturating", "hinge", "wasserstein"),
     "model.arch": ("dcgan", "mlp"),
 }

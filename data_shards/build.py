@@ -68,6 +68,8 @@ def build_shards(
     image_format: str = "png",
     progress: bool = True,
     num_samples: int | None = None,
+    split: str = "all",
+    labels: Iterable[int] | None = None,
 ) -> dict:
     """Write ``source`` as WebDataset tars plus ``manifest.json`` into ``out_dir``.
 
@@ -83,6 +85,9 @@ def build_shards(
         progress: show a tqdm progress bar.
         num_samples: number of samples for generated sources (defaults: stacked-digits
             30,000, ring8/grid25 50,000); a cap for ``digits`` and ``folder:``.
+        split: ``all``, or ``train`` / ``test``: a held-out fifth of the source's (seeded)
+            sample order goes to ``test``, the rest to ``train``; the two never overlap.
+        labels: keep only samples with these labels (e.g. digits 0-8 for an anomaly benchmark).
 
     Returns:
         The manifest dict that was written.
@@ -97,7 +102,12 @@ def build_shards(
     if num_samples is not None and (not isinstance(num_samples, int) or num_samples < 1):
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     image_format = _normalise_format(image_format)
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     plan = _plan(str(source), image_size, seed, image_format, num_samples)
+    keep = None if labels is None else set(int(label) for label in labels)
+    if split != "all" or keep is not None:
+        plan.samples = _select(plan.samples, split, keep)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -119,6 +129,8 @@ def build_shards(
         "shards": shards,
         "skipped": len(plan.skipped_files),
         "seed": seed,
+        "split": split,
+        "labels": None if keep is None else sorted(keep),
     }
     if plan.classes is not None:
         manifest["classes"] = plan.classes
@@ -126,6 +138,21 @@ def build_shards(
         manifest["skipped_files"] = plan.skipped_files[:_MAX_SKIPPED_LISTED]
     _atomic_write(out / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
     return manifest
+
+
+SPLITS = ("all", "train", "test")
+HELD_OUT_EVERY = 5  # every 5th sample of the seeded order is held out: a 20% test split
+
+
+def _select(samples, split: str, keep: set[int] | None):
+    """The samples of one split (by position in the seeded order) with a kept label."""
+    for i, (members, label) in enumerate(samples):
+        held_out = i % HELD_OUT_EVERY == 0
+        if (split == "train" and held_out) or (split == "test" and not held_out):
+            continue
+        if keep is not None and label not in keep:
+            continue
+        yield members, label
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict:

@@ -246,7 +246,7 @@ def _scan_local_tar(url: str) -> tuple[bytes, list[tuple[str, str, int, int]]] |
     length = len(buf)
     headers: list[int] = []
     checksums: list[int] = []
-    found: list[tuple[str, str, int, int]] = []
+    found: list[tuple[str, int, int]] = []
     offset = 0
     try:
         while True:
@@ -256,50 +256,59 @@ def _scan_local_tar(url: str) -> tuple[bytes, list[tuple[str, str, int, int]]] |
             if block == _ZERO_BLOCK:
                 break
             kind = block[156]
-            if kind not in (_REG, _AREG, _DIR):
-                return None  # links, pax/GNU long names, sparse, ...: tarfile's business
-            if block[124] & 0x80 or block[148] & 0x80:
-                return None  # base-256 numbers
-            checksums.append(int(_nts_bytes(block[148:156]).strip() or b"0", 8))
+            if kind not in (_REG, _AREG, _DIR) or block[124] & 0x80 or block[148] & 0x80:
+                return None  # links, pax/GNU extensions, sparse, base-256 numbers: tarfile's business
+            # Fields as tarfile's nts/nti read them: up to the first NUL, then octal.
+            checksums.append(int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8))
             headers.append(offset)
-            name = _nts_bytes(block[0:100]).decode("utf-8", "surrogateescape")
-            prefix = _nts_bytes(block[345:500])
+            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
             data_start = offset + 512
             if kind == _DIR or name.endswith("/"):
                 offset = data_start  # tarfile skips no data after a directory
                 continue
-            size = int(_nts_bytes(block[124:136]).strip() or b"0", 8)
+            size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
             if size < 0 or data_start + size > length:
                 return None
-            if prefix:
+            if block[345]:
+                prefix = block[345:500].split(b"\0", 1)[0]
                 name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-            found.append((name, "", data_start, data_start + size))
+            found.append((name, data_start, data_start + size))
             offset = data_start + (size + 511) // 512 * 512
     except ValueError:
         return None  # a non-octal field: tarfile calls that an invalid header
     if headers:
         blocks = np.frombuffer(buf, dtype=np.uint8, count=(offset // 512) * 512).reshape(-1, 512)
         blocks = blocks[np.asarray(headers) // 512]
-        field = blocks[:, 148:156]
-        unsigned = blocks.sum(1, dtype=np.int64) - field.sum(1, dtype=np.int64) + 256
-        signed = blocks.view(np.int8).sum(1, dtype=np.int64) - field.view(np.int8).sum(1, dtype=np.int64) + 256
         wanted = np.asarray(checksums, dtype=np.int64)
-        if not ((wanted == unsigned) | (wanted == signed)).all():
-            return None
+        unsigned = blocks.sum(1, dtype=np.int64) - blocks[:, 148:156].sum(1, dtype=np.int64) + 256
+        odd = np.flatnonzero(wanted != unsigned)
+        if odd.size:  # tarfile also accepts the signed-char sum some old tars wrote
+            signed = blocks[odd].view(np.int8)
+            signed = signed.sum(1, dtype=np.int64) - signed[:, 148:156].sum(1, dtype=np.int64) + 256
+            if not (wanted[odd] == signed).all():
+                return None
     members = []
-    for name, _, start, end in found:
-        if _META_RE.match(name):
-            continue
-        key, ext = base_plus_ext(name)
-        if key is None:
-            continue
-        members.append((key, ext.lower(), start, end))
+    for name, start, end in found:
+        key, ext = _split_name(name)
+        if key is not None:
+            members.append((key, ext.lower(), start, end))
     return buf, members
 
 
-def _nts_bytes(field: bytes) -> bytes:
-    end = field.find(0)
-    return field if end < 0 else field[:end]
+def _split_name(name: str) -> tuple[str | None, str | None]:
+    """(key, ext) of a member name as :func:`_read_member` splits it; (None, None) to skip.
+
+    The usual "dir/key.ext" (a key not starting with a dot, no newline, not ``__meta__``) is
+    split with string operations, which give what base_plus_ext's regex gives for such names;
+    anything else goes through the regex itself.
+    """
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot > slash and not name.startswith("__") and "\n" not in name:
+        return name[:dot], name[dot + 1 :]
+    if _META_RE.match(name):
+        return None, None
+    return base_plus_ext(name)
 
 
 def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[str, str, bytes] | None:
@@ -661,7 +670,8 @@ def make_loader(
         image_size=image_size,
         **stream_options,
     )
-    worker_options = {"persistent_workers": True, "prefetch_factor": 2} if num_workers > 0 else {}
+    worker_options = {"persistent_workers": True, "prefetch_factor": 2,
+                      "worker_init_fn": _ignore_stop_signals} if num_workers > 0 else {}
     return DataLoader(
         dataset,
         batch_size=None,
@@ -669,6 +679,16 @@ def make_loader(
         pin_memory=torch.cuda.is_available(),  # pinning only helps host-to-GPU copies
         **worker_options,
     )
+
+
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """Loader workers ignore SIGTERM/SIGUSR1: SLURM signals every process of a job step, and a
+    worker killed by it would crash the trainer before it can checkpoint. The trainer decides
+    when to stop; the DataLoader then shuts its workers down itself."""
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def batch_to_float(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

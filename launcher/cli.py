@@ -6,6 +6,7 @@ preemption signal exits with 75 after checkpointing (requeue it).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import subprocess
@@ -35,8 +36,11 @@ def _fail(message: str) -> int:
 def cmd_shards_build(args) -> int:
     from data_shards.build import build_shards
 
+    from trainers.evaluation import parse_labels
+
     manifest = build_shards(args.source, args.out, shard_size=args.shard_size, image_size=args.image_size,
-                            seed=args.seed, image_format=args.format, progress=not args.quiet)
+                            seed=args.seed, image_format=args.format, progress=not args.quiet,
+                            num_samples=args.num_samples, split=args.split, labels=parse_labels(args.labels))
     print(f"wrote {manifest['num_samples']} samples in {manifest['num_shards']} shard(s) to {args.out} "
           f"({manifest['source']}, {manifest.get('kind')}, size {manifest.get('image_size')})")
     return 0
@@ -63,25 +67,166 @@ def _apply_resume_flag(cfg, resume: str | None) -> None:
 
 def cmd_launch(args) -> int:
     from configs import load_config
-    from launcher.torchrun import TorchrunSpec, torchrun_command
+    from launcher import resources
+    from launcher.resources import LaunchError
 
-    cfg = load_config(args.config, args.overrides)  # fail here, before any process starts
-    world = args.nnodes * args.nproc_per_node
-    if args.nproc_per_node < 1 or args.nnodes < 1:
-        raise UsageError("--nnodes and --nproc-per-node must be >= 1")
-    if args.backend != "local":
-        raise UsageError(f"backend '{args.backend}' is not available yet; use --backend local")
-    train_args = [args.config, *args.overrides] + (["--resume", args.resume] if args.resume else [])
-    spec = TorchrunSpec(nproc_per_node=args.nproc_per_node, nnodes=args.nnodes, node_rank=args.node_rank,
-                        master_addr=args.master_addr, master_port=args.master_port,
-                        rdzv_endpoint=args.rdzv_endpoint, max_restarts=args.max_restarts, train_args=train_args)
+    try:
+        return _launch(args, load_config, resources)
+    except LaunchError as err:
+        raise UsageError(str(err)) from None
+
+
+def _warn(message: str) -> None:
+    print(f"gentrain: warning: {message}", file=sys.stderr)
+
+
+def _launch(args, load_config, resources) -> int:
+    overrides = list(args.overrides)
+    cfg = load_config(args.config, overrides)  # fail here, before any process starts
+    if args.backend == "slurm" and args.nproc_per_node is None:
+        nproc = args.gpus_per_node or 1  # one process per GPU
+    else:
+        nproc = 1 if args.nproc_per_node is None else args.nproc_per_node
+    hosts = None
+    if args.backend == "deepspeed":
+        hosts = _deepspeed_hosts(args, nproc)
+        nnodes, world = len(hosts), sum(slots for _, slots in hosts)
+    else:
+        nnodes = args.nnodes
+        world = resources.check_world(nnodes, nproc)
+    if args.global_batch_size is not None:
+        if any(o.split("=", 1)[0].strip() == "data.batch_size" for o in overrides):
+            raise UsageError("give either --global-batch-size or data.batch_size=..., not both")
+        per_process = resources.check_global_batch(args.global_batch_size, cfg.data.batch_size, world)
+        overrides.append(f"data.batch_size={per_process}")
+    else:
+        per_process = resources.check_global_batch(None, cfg.data.batch_size, world)
+
+    if args.backend == "slurm":
+        warnings = resources.check_cluster_request(nproc, args.gpus_per_node or 0, args.cpus_per_task)
+    elif args.backend == "deepspeed" and not _hostfile_mod().only_this_machine(hosts):
+        warnings = []  # the GPUs are on the other hosts; the deepspeed launcher checks them there
+    else:
+        warnings = resources.check_local_devices(resources.detect(), nproc, args.gpus_per_node)
+    for warning in warnings:
+        _warn(warning)
+
+    train_args = [args.config, *overrides] + (["--resume", args.resume] if args.resume else [])
+    summary = (f"# world size {world} ({nnodes} node(s) x {nproc if hosts is None else '/'.join(str(s) for _, s in hosts)}"
+               f" process(es)), {per_process} samples per process per step = {per_process * world} per step, "
+               f"run dir {cfg.run.dir}")
+    if args.backend == "slurm":
+        return _launch_slurm(args, cfg, nproc, train_args, summary, resources)
+    if args.backend == "deepspeed":
+        return _launch_deepspeed(args, cfg, hosts, train_args, summary)
+    return _launch_torchrun(args, nproc, train_args, summary)
+
+
+def _hostfile_mod():
+    from launcher import hostfile
+
+    return hostfile
+
+
+def _deepspeed_hosts(args, nproc: int) -> list[tuple[str, int]]:
+    hostfile = _hostfile_mod()
+    if args.hosts:
+        return hostfile.parse_hosts(args.hosts, nproc)
+    if os.environ.get("SLURM_JOB_NODELIST"):
+        from launcher.slurm import allocation_hosts
+
+        return [(host, nproc) for host in allocation_hosts()]
+    if args.nnodes > 1:
+        raise UsageError("--backend deepspeed with --nnodes > 1 needs --hosts a,b,... (or run inside a SLURM allocation)")
+    return [("localhost", nproc)]
+
+
+def _launch_torchrun(args, nproc: int, train_args: list[str], summary: str) -> int:
+    from launcher.torchrun import DEFAULT_MASTER_PORT, TorchrunSpec, torchrun_command
+
+    spec = TorchrunSpec(nproc_per_node=nproc, nnodes=args.nnodes, node_rank=args.node_rank,
+                        master_addr=args.master_addr or "127.0.0.1", master_port=args.master_port or DEFAULT_MASTER_PORT,
+                        rdzv_endpoint=args.rdzv_endpoint, rdzv_id=args.rdzv_id, max_restarts=args.max_restarts,
+                        local_addr=args.local_addr, train_args=train_args)
+    if args.nnodes > 1 and not args.rdzv_endpoint and not args.master_addr:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT or --master-addr (and --node-rank on each node)")
+    if not 0 <= args.node_rank < args.nnodes:
+        raise UsageError(f"--node-rank {args.node_rank} is outside 0..{args.nnodes - 1}")
     cmd = torchrun_command(spec)
     if args.dry_run:
         print(shlex.join(cmd))
-        print(f"# world size {world}, {cfg.data.batch_size} samples per process per step, run dir {cfg.run.dir}")
+        print(summary)
         return 0
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
+    from launcher.resources import cpu_count
+
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // nproc)))
+    print(f"[gentrain] launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    return subprocess.call(cmd, env=env)
+
+
+def _launch_slurm(args, cfg, nproc: int, train_args: list[str], summary: str, resources) -> int:
+    from launcher import slurm
+
+    submit = not (args.dry_run or args.no_submit)
+    if submit:
+        missing = resources.missing_slurm_tools()
+        if missing:
+            raise UsageError(f"--backend slurm needs {', '.join(missing)} on PATH (not found); "
+                             "use --dry-run or --no-submit to only write the sbatch script")
+    spec = slurm.SlurmSpec(job_name=args.job_name or cfg.run.name, run_dir=str(cfg.run.dir), workdir=os.getcwd(),
+                           nnodes=args.nnodes, nproc_per_node=nproc, gpus_per_node=args.gpus_per_node or 0,
+                           cpus_per_task=args.cpus_per_task, time=args.time, partition=args.partition,
+                           account=args.account, qos=args.qos, signal_grace=args.signal_grace,
+                           rdzv_port=args.master_port, max_restarts=args.max_restarts, train_args=train_args,
+                           extra_sbatch=list(args.sbatch_arg or []),
+                           command_line="gentrain " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["launch"] else "")
+    path = slurm.script_path(slurm._abs(spec.run_dir, spec.workdir))
+    if args.dry_run:
+        print(f"# {path}")
+        print(slurm.render_sbatch(spec), end="")
+        print(f"# submit: {shlex.join(slurm.sbatch_command(path))}")
+        print(summary)
+        return 0
+    path = slurm.write_script(spec)
+    if not submit:
+        print(f"wrote {path}; submit it with: {shlex.join(slurm.sbatch_command(path))}")
+        return 0
+    try:
+        job_id = slurm.submit(path)
+    except RuntimeError as err:
+        raise UsageError(str(err)) from None
+    log = path.parent / f"slurm-{job_id}.out"
+    print(f"submitted job {job_id} ({args.nnodes} node(s) x {nproc} process(es)); script {path}; log {log}")
+    print(job_id)
+    return 0
+
+
+def _launch_deepspeed(args, cfg, hosts, train_args: list[str], summary: str) -> int:
+    from pathlib import Path
+
+    from launcher.torchrun import DEFAULT_MASTER_PORT
+
+    hostfile = _hostfile_mod()
+    path = Path(cfg.run.dir) / "launch" / "hostfile"
+    # Only this machine in the hostfile: no ssh needed (deepspeed would otherwise ssh to localhost).
+    no_ssh = args.no_ssh or hostfile.only_this_machine(hosts)
+    cmd = hostfile.deepspeed_command(path, hosts, args.master_addr, args.master_port or DEFAULT_MASTER_PORT,
+                                     train_args, launcher=args.deepspeed_launcher,
+                                     no_ssh_node_rank=args.node_rank if no_ssh else None)
+    if args.dry_run:
+        print(f"# {path}:")
+        print("".join(f"#   {line}\n" for line in hostfile.render_hostfile(hosts).splitlines()), end="")
+        print(shlex.join(cmd))
+        print(summary)
+        return 0
+    hostfile.write_hostfile(cfg.run.dir, hosts)
+    env = dict(os.environ)
+    from launcher.resources import cpu_count
+
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // max(slots for _, slots in hosts))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
+    print(f"[gentrain] launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)
     return subprocess.call(cmd, env=env)
 
 
@@ -91,6 +236,38 @@ def cmd_sample(args) -> int:
     path = sample_to_npz(args.run_dir, args.n, args.out, seed=args.seed)
     print(f"wrote {args.n} samples to {path}")
     return 0
+
+
+def cmd_evaluate(args) -> int:
+    from trainers.evaluation import evaluate
+
+    metrics = evaluate(args.run_dir, args.shards or _run_shards(args.run_dir), args.out, k=args.k,
+                       num_samples=args.num_samples, seed=args.seed)
+    print(json.dumps(metrics, indent=1))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_anomaly(args) -> int:
+    from trainers.evaluation import anomaly_scores, parse_labels
+
+    summary = anomaly_scores(args.run_dir, args.shards, args.out, normal_labels=parse_labels(args.normal_labels), k=args.k)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from trainers.evaluation import encode
+
+    n = encode(args.run_dir, args.shards, args.out)
+    print(f"wrote posterior mean and std of {n} samples to {args.out}")
+    return 0
+
+
+def _run_shards(run_dir: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(os.path.join(run_dir, "config.yaml")).data.shards
 
 
 def cmd_export(args) -> int:
@@ -116,6 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--image-size", type=int, default=None, help="square image size (digits: 32, folder: 64)")
     build.add_argument("--format", choices=["png", "jpg"], default="png", help="image encoding for folder sources")
     build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--num-samples", type=int, default=None, help="samples for generated sources; a cap otherwise")
+    build.add_argument("--split", choices=["all", "train", "test"], default="all",
+                       help="train: 80%% of the seeded order; test: the held-out 20%%")
+    build.add_argument("--labels", default=None, help="keep only these labels, e.g. 0-8 or 0,3,7")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=cmd_shards_build)
 
@@ -126,17 +307,54 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", default=None, help=resume_help)
     train.set_defaults(func=cmd_train)
 
-    launch = sub.add_parser("launch", help="start a (multi-process) training job")
+    launch = sub.add_parser(
+        "launch", help="start a (multi-process, multi-node) training job: local torchrun, SLURM or deepspeed",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="backends:\n"
+               "  local      torchrun on this node (--nnodes>1: one launch per node, with --rdzv-endpoint or\n"
+               "             --master-addr/--node-rank)\n"
+               "  slurm      writes RUN_DIR/launch/sbatch.sh (one torchrun per node via srun, requeue on\n"
+               "             preemption) and submits it with sbatch; prints the job id\n"
+               "  deepspeed  writes RUN_DIR/launch/hostfile and runs the deepspeed launcher\n"
+               "exit codes: 0 done, 2 bad usage/config, 75 checkpointed after a preemption signal (requeue me)")
     launch.add_argument("--backend", choices=["local", "slurm", "deepspeed"], default="local")
     launch.add_argument("--nnodes", type=int, default=1)
-    launch.add_argument("--nproc-per-node", type=int, default=1)
-    launch.add_argument("--node-rank", type=int, default=0)
-    launch.add_argument("--master-addr", default="127.0.0.1")
-    launch.add_argument("--master-port", type=int, default=29500)
-    launch.add_argument("--rdzv-endpoint", default=None, help="host:port for c10d rendezvous")
-    launch.add_argument("--max-restarts", type=int, default=0)
-    launch.add_argument("--dry-run", action="store_true", help="print what would run, run nothing")
+    launch.add_argument("--nproc-per-node", type=int, default=None,
+                        help="processes per node (default 1; slurm: --gpus-per-node when given)")
+    launch.add_argument("--dry-run", action="store_true", help="print what would run (scripts included), run nothing")
     launch.add_argument("--resume", default=None, help=resume_help)
+    launch.add_argument("--global-batch-size", type=int, default=None,
+                        help="samples per step over all processes; sets data.batch_size = this / world size")
+    launch.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (checked on local launches)")
+    group = launch.add_argument_group("multi-node torchrun (local backend)")
+    group.add_argument("--node-rank", type=int, default=0)
+    group.add_argument("--master-addr", default=None, help="static rendezvous host (with --node-rank); "
+                       "deepspeed: address of the first host")
+    group.add_argument("--master-port", type=int, default=None,
+                       help="port (default 29500; slurm: rendezvous port, default 20000 + job id %% 20000)")
+    group.add_argument("--rdzv-endpoint", default=None, help="host:port for c10d rendezvous (same on every node)")
+    group.add_argument("--rdzv-id", default=None, help="c10d rendezvous id (same on every node)")
+    group.add_argument("--local-addr", default=None, help="this node's address as the other nodes reach it "
+                       "(default: its hostname)")
+    group.add_argument("--max-restarts", type=int, default=0, help="torchrun restarts of failed workers")
+    group = launch.add_argument_group("slurm backend")
+    group.add_argument("--partition", default=None)
+    group.add_argument("--account", default=None)
+    group.add_argument("--qos", default=None)
+    group.add_argument("--time", default=None, help="time limit, e.g. 24:00:00 or 2-00:00:00")
+    group.add_argument("--cpus-per-task", type=int, default=None, help="CPU cores per node (one task per node)")
+    group.add_argument("--signal-grace", type=int, default=120,
+                       help="seconds before the time limit at which SLURM sends SIGUSR1 (default 120)")
+    group.add_argument("--job-name", default=None, help="default: run.name")
+    group.add_argument("--sbatch-arg", action="append", metavar="ARG",
+                       help="extra #SBATCH line, e.g. --sbatch-arg=--exclusive (repeatable)")
+    group.add_argument("--no-submit", action="store_true", help="write the sbatch script, do not submit it")
+    group = launch.add_argument_group("deepspeed backend")
+    group.add_argument("--hosts", default=None, help="a,b or a:8,b:8 (HOST:SLOTS); default: the SLURM "
+                       "allocation, else localhost")
+    group.add_argument("--no-ssh", action="store_true", help="start only this host's processes (as --node-rank); "
+                       "run the same command on every host. Automatic when the hosts are all this machine")
+    group.add_argument("--deepspeed-launcher", default=None, help="deepspeed's --launcher (pdsh, openmpi, slurm, ...)")
     launch.add_argument("config")
     launch.add_argument("overrides", nargs="*")
     launch.set_defaults(func=cmd_launch)
@@ -153,19 +371,43 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True)
     export.add_argument("--format", choices=["safetensors"], default="safetensors")
     export.set_defaults(func=cmd_export)
+
+    evaluate = sub.add_parser("evaluate", help="VAE: ELBO, importance-weighted NLL bound, AU, MI; GAN: class coverage")
+    evaluate.add_argument("run_dir")
+    evaluate.add_argument("--shards", default=None, help="held-out shards (default: the run's data.shards)")
+    evaluate.add_argument("--out", required=True, help="metrics.json")
+    evaluate.add_argument("--k", type=int, default=64, help="importance samples for the NLL bound (VAE)")
+    evaluate.add_argument("--num-samples", type=int, default=5000, help="generated samples to score (GAN)")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    anomaly = sub.add_parser("anomaly", help="VAE anomaly scores per sample (scores.csv) and AUROC")
+    anomaly.add_argument("run_dir")
+    anomaly.add_argument("--shards", required=True)
+    anomaly.add_argument("--out", required=True, help="scores.csv")
+    anomaly.add_argument("--normal-labels", default=None, help="labels that are normal, e.g. 0-8; others are anomalies")
+    anomaly.add_argument("--k", type=int, default=16, help="importance samples for the NLL score")
+    anomaly.set_defaults(func=cmd_anomaly)
+
+    encode = sub.add_parser("encode", help="VAE posterior mean and std per sample (latents.npz)")
+    encode.add_argument("run_dir")
+    encode.add_argument("--shards", required=True)
+    encode.add_argument("--out", required=True)
+    encode.set_defaults(func=cmd_encode)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     from configs import ConfigError
+    from data_shards.errors import NoValidSamples
 
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, UsageError, FileNotFoundError) as err:
+    except (ConfigError, UsageError, FileNotFoundError, NoValidSamples) as err:
         return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except ValueError as err:  # builders raise ValueError for bad sources / sizes
-        if getattr(args, "command", None) in ("shards", "sample", "export"):
+        if getattr(args, "command", None) in ("shards", "sample", "export", "evaluate", "anomaly", "encode"):
             return _fail(str(err).splitlines()[0])
         raise
 

@@ -32,6 +32,7 @@ class TorchrunSpec:
     rdzv_endpoint: str | None = None
     rdzv_id: str | None = None
     max_restarts: int = 0
+    local_addr: str | None = None
     train_args: list[str] = field(default_factory=list)
 
 
@@ -47,6 +48,8 @@ def torchrun_args(spec: TorchrunSpec) -> list[str]:
     else:
         args += [f"--node-rank={spec.node_rank}", f"--master-addr={spec.master_addr}",
                  f"--master-port={spec.master_port}"]
+    if spec.local_addr:
+        args.append(f"--local-addr={spec.local_addr}")
     return args
 
 
@@ -83,6 +86,62 @@ def _forward_usr1(signum, _frame) -> None:
             pass
 
 
+_WORKERS: list = []  # every worker Popen torchrun started in this process
+
+
+def _record_workers() -> None:
+    """Keep a handle on each worker process, to read its exit code whatever torchrun raises.
+
+    On another node, torchrun may fail with a rendezvous error instead of ChildFailedError when the
+    rendezvous host's torchrun exits first (its store goes away while this node's workers are
+    still exiting): the workers' own exit codes still say whether they checkpointed.
+    """
+    from torch.distributed.elastic.multiprocessing.subprocess_handler.subprocess_handler import SubprocessHandler
+
+    original = SubprocessHandler._popen
+    if getattr(original, "_gentrain", False):
+        return
+
+    def _popen(self, *args, **kwargs):
+        proc = original(self, *args, **kwargs)
+        _WORKERS.append(proc)
+        return proc
+
+    _popen._gentrain = True
+    SubprocessHandler._popen = _popen
+
+
+def _worker_exit_codes(timeout: float = 30.0) -> list[int]:
+    import time
+
+    deadline = time.monotonic() + timeout
+    codes = []
+    for proc in _WORKERS:
+        while proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if proc.returncode is not None:
+            codes.append(proc.returncode)
+    return sorted(set(codes))
+
+
+def _write_pid_file() -> None:
+    """Under SLURM, GENTRAIN_PID_DIR/node-$SLURM_NODEID.pid: where the batch script sends SIGUSR1."""
+    pid_dir = os.environ.get("GENTRAIN_PID_DIR")
+    if pid_dir and "SLURM_NODEID" in os.environ:
+        os.makedirs(pid_dir, exist_ok=True)
+        with open(os.path.join(pid_dir, f"node-{os.environ['SLURM_NODEID']}.pid"), "w") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+def _requeue_or_fail(codes: list[int], what: str) -> int:
+    if REQUEUE_EXIT_CODE in codes:
+        print(f"[gentrain] workers exited {codes}: checkpointed after a preemption signal, "
+              f"exiting {REQUEUE_EXIT_CODE} (requeue me)", file=sys.stderr, flush=True)
+        return REQUEUE_EXIT_CODE
+    print(f"[gentrain] {what}; worker exit code(s) {codes}", file=sys.stderr, flush=True)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -90,19 +149,18 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGUSR1, _forward_usr1)
+    _record_workers()
+    _write_pid_file()
     try:
         run(args)
     except ChildFailedError as err:
-        codes = sorted({failure.exitcode for failure in err.failures.values()})
-        if REQUEUE_EXIT_CODE in codes:
-            print(f"[gentrain] workers exited {codes}: checkpointed after a preemption signal, "
-                  f"exiting {REQUEUE_EXIT_CODE} (requeue me)", file=sys.stderr, flush=True)
-            return REQUEUE_EXIT_CODE
-        print(f"[gentrain] workers failed with exit code(s) {codes}", file=sys.stderr, flush=True)
-        return 1
+        codes = sorted({failure.exitcode for failure in err.failures.values()} | set(_worker_exit_codes(0)))
+        return _requeue_or_fail(codes, "workers failed")
     except SignalException as err:
         print(f"[gentrain] torchrun stopped by signal {err.sigval.name}", file=sys.stderr, flush=True)
         return 128 + int(err.sigval)
+    except Exception as err:  # noqa: BLE001 - e.g. the rendezvous store went away as the job ended
+        return _requeue_or_fail(_worker_exit_codes(), f"torchrun failed: {type(err).__name__}: {err}")
     return 0
 
 
