@@ -48,7 +48,22 @@ def run_quiet(cmd: list[str]) -> None:
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def trial(preset: str, work: Path, shards: Path, reference: Path, duration: float, rng: random.Random) -> dict:
+def timed_run(cmd: list[str], run_dir: Path) -> tuple[float, float]:
+    """Run to the end; return (seconds to the first checkpoint, seconds in all)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = None
+    while proc.poll() is None:
+        if first is None and latest(run_dir) is not None:
+            first = time.perf_counter() - started
+        time.sleep(0.1)
+    if proc.returncode != 0:
+        raise RuntimeError(f"reference run failed with exit code {proc.returncode}")
+    total = time.perf_counter() - started
+    return first or total, total
+
+
+def trial(preset: str, work: Path, shards: Path, reference: Path, window: float, rng: random.Random) -> dict:
     run_dir = work / "interrupted"
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.perf_counter()
@@ -56,8 +71,8 @@ def trial(preset: str, work: Path, shards: Path, reference: Path, duration: floa
                             stderr=subprocess.DEVNULL, start_new_session=True)
     while latest(run_dir) is None and proc.poll() is None:
         time.sleep(0.1)
-    waited = time.perf_counter() - started
-    time.sleep(rng.uniform(0.0, max(0.5, duration - waited)))
+    # Uniformly over the span between the first checkpoint and the end of an uninterrupted run.
+    time.sleep(rng.uniform(0.0, window))
     finished_first = proc.poll() is not None
     if not finished_first:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -82,14 +97,14 @@ def main() -> int:
     shards = work / "digits"
     run_quiet(gentrain("shards", "build", "digits", "--out", str(shards), "--quiet"))
     reference = work / "reference"
-    t0 = time.perf_counter()
-    run_quiet(launch_cmd(args.preset, reference, shards))
-    duration = time.perf_counter() - t0
-    print(f"uninterrupted {args.preset} run: {STEPS} steps in {duration:.1f} s", flush=True)
+    first_ckpt, duration = timed_run(launch_cmd(args.preset, reference, shards), reference)
+    window = max(1.0, duration - first_ckpt)
+    print(f"uninterrupted {args.preset} run: {STEPS} steps in {duration:.1f} s, first checkpoint at "
+          f"{first_ckpt:.1f} s; kills land uniformly in the {window:.1f} s after it", flush=True)
 
     results = []
     for i in range(args.trials):
-        result = trial(args.preset, work, shards, reference, duration, rng)
+        result = trial(args.preset, work, shards, reference, window, rng)
         results.append(result)
         print(f"trial {i + 1:2d}: killed after {result['killed_after_checkpoint']} at {result['killed_at_seconds']} s"
               f" -> {'bitwise identical' if result['matched'] else 'DIFFERENT'}", flush=True)
