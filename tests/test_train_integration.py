@@ -57,6 +57,20 @@ def test_vae_two_processes_zero1(tmp_path, digit_shards):
     assert records[-1]["loss"] < records[0]["loss"]
     assert records[-1]["images_seen"] == 8 * 16 * 2
 
+    # The trained VAE, judged on the shards: bounds, anomaly scores with AUROC, latents.
+    metrics_file, scores_file, latents_file = tmp_path / "m.json", tmp_path / "s.csv", tmp_path / "z.npz"
+    run_gentrain("evaluate", run_dir, "--out", metrics_file, "--k", 8)
+    metrics = json.loads(metrics_file.read_text())
+    assert metrics["num_samples"] == 1797 and 0 <= metrics["active_units"] <= 16
+    assert metrics["iw_nll_k8"] <= metrics["neg_elbo"] + 1e-3  # the IW bound is the tighter one
+    out = run_gentrain("anomaly", run_dir, "--shards", digit_shards, "--out", scores_file, "--normal-labels", "0-8")
+    summary = json.loads(out.stdout[out.stdout.index("{"):])
+    assert summary["num_anomalies"] == 180 and 0 <= summary["auroc_neg_elbo"] <= 1
+    assert len(scores_file.read_text().splitlines()) == 1797 + 1
+    run_gentrain("encode", run_dir, "--shards", digit_shards, "--out", latents_file)
+    latents = np.load(latents_file)
+    assert latents["mean"].shape == latents["std"].shape == (1797, 16) and (latents["std"] > 0).all()
+
 
 def test_gan_two_processes_zero2_bf16_resumes(tmp_path, digit_shards):
     run_dir = tmp_path / "gan"
