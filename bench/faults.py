@@ -2,8 +2,9 @@
 
     python -m bench.faults --trials 20 --preset gan          (make bench-faults)
 
-Each trial starts the run, waits until a first checkpoint exists, sleeps a random fraction
-of the rest of an uninterrupted run's duration, kills the whole process group with SIGKILL,
+Each trial starts the run, picks a checkpoint step at random, waits until that checkpoint is
+written, then a further random 0-2 s (mid-step, mid-log, mid-save of the next checkpoint),
+kills the whole process group with SIGKILL,
 relaunches the same command (which resumes by itself) and compares every tensor of the final
 checkpoint (weights, EMA, each rank's optimizer state) with the uninterrupted run's.
 Results: bench/faults.json and a line per trial on stdout.
@@ -26,6 +27,7 @@ from trainers.checkpoint import differing_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30
+CKPT_EVERY = 4
 
 
 def gentrain(*args: str) -> list[str]:
@@ -35,7 +37,7 @@ def gentrain(*args: str) -> list[str]:
 def launch_cmd(preset: str, run_dir: Path, shards: Path) -> list[str]:
     return gentrain("launch", "--nproc-per-node", "2", f"configs/{preset}_digits.yaml", f"run.dir={run_dir}",
                     f"data.shards={shards}", "data.batch_size=16", "data.shuffle_buffer=64", "trainer.log_every=5",
-                    "trainer.sample_every=10", "trainer.ckpt_every=4", "trainer.progress=false",
+                    "trainer.sample_every=10", f"trainer.ckpt_every={CKPT_EVERY}", "trainer.progress=false",
                     f"trainer.max_steps={STEPS}", "wandb.mode=disabled")
 
 
@@ -63,16 +65,20 @@ def timed_run(cmd: list[str], run_dir: Path) -> tuple[float, float]:
     return first or total, total
 
 
-def trial(preset: str, work: Path, shards: Path, reference: Path, window: float, rng: random.Random) -> dict:
+def step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.split("-")[1]) if checkpoint else 0
+
+
+def trial(preset: str, work: Path, shards: Path, reference: Path, rng: random.Random) -> dict:
     run_dir = work / "interrupted"
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.perf_counter()
     proc = subprocess.Popen(launch_cmd(preset, run_dir, shards), cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    while latest(run_dir) is None and proc.poll() is None:
-        time.sleep(0.1)
-    # Uniformly over the span between the first checkpoint and the end of an uninterrupted run.
-    time.sleep(rng.uniform(0.0, window))
+    target = rng.choice(range(CKPT_EVERY, STEPS, CKPT_EVERY))
+    while step_of(latest(run_dir)) < target and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(rng.uniform(0.0, 2.0))
     finished_first = proc.poll() is not None
     if not finished_first:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -80,7 +86,7 @@ def trial(preset: str, work: Path, shards: Path, reference: Path, window: float,
     killed_after = latest(run_dir).name if latest(run_dir) else None
     run_quiet(launch_cmd(preset, run_dir, shards))
     differing = differing_tensors(latest(reference), latest(run_dir))
-    return {"killed_after_checkpoint": killed_after, "killed_at_seconds": round(time.perf_counter() - started, 2),
+    return {"target_checkpoint": target, "killed_after_checkpoint": killed_after, "killed_at_seconds": round(time.perf_counter() - started, 2),
             "finished_before_kill": finished_first, "matched": not differing, "differing_tensors": len(differing)}
 
 
@@ -98,13 +104,12 @@ def main() -> int:
     run_quiet(gentrain("shards", "build", "digits", "--out", str(shards), "--quiet"))
     reference = work / "reference"
     first_ckpt, duration = timed_run(launch_cmd(args.preset, reference, shards), reference)
-    window = max(1.0, duration - first_ckpt)
-    print(f"uninterrupted {args.preset} run: {STEPS} steps in {duration:.1f} s, first checkpoint at "
-          f"{first_ckpt:.1f} s; kills land uniformly in the {window:.1f} s after it", flush=True)
+    print(f"uninterrupted {args.preset} run: {STEPS} steps in {duration:.1f} s (first checkpoint at "
+          f"{first_ckpt:.1f} s)", flush=True)
 
     results = []
     for i in range(args.trials):
-        result = trial(args.preset, work, shards, reference, window, rng)
+        result = trial(args.preset, work, shards, reference, rng)
         results.append(result)
         print(f"trial {i + 1:2d}: killed after {result['killed_after_checkpoint']} at {result['killed_at_seconds']} s"
               f" -> {'bitwise identical' if result['matched'] else 'DIFFERENT'}", flush=True)
