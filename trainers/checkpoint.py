@@ -44,10 +44,7 @@ class Checkpointer:
     # ---- finding checkpoints -------------------------------------------------------------
     def complete_checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.root.is_dir():
-            return []
-        dirs = [p for p in self.root.glob("step-*") if p.is_dir() and (p / COMPLETE).exists()]
-        return sorted(dirs, key=lambda p: p.name)
+        return complete_checkpoints(self.root)
 
     def latest_verified(self) -> Path | None:
         """The newest complete checkpoint whose files match their digests (every rank agrees)."""
@@ -61,13 +58,7 @@ class Checkpointer:
         return None
 
     def latest(self) -> Path | None:
-        pointer = self.root / "latest"
-        if pointer.exists():
-            candidate = self.root / pointer.read_text().strip()
-            if (candidate / COMPLETE).exists():
-                return candidate
-        found = self.complete_checkpoints()
-        return found[-1] if found else None
+        return latest_complete(self.root)
 
     # ---- saving ---------------------------------------------------------------------------
     def save(self, step: int, engines: dict, rank_state: dict, weights: dict[str, torch.Tensor], meta: dict) -> Path:
@@ -129,6 +120,25 @@ class Checkpointer:
         rank_state = torch.load(state_file, map_location="cpu", weights_only=True)
         weights = load_file(str(path / "weights.safetensors"))
         return rank_state, weights
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """The complete checkpoints under a checkpoints/ folder, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step-*") if p.is_dir() and (p / COMPLETE).exists()), key=lambda p: p.name)
+
+
+def latest_complete(root: Path) -> Path | None:
+    """The checkpoint `latest` points to if it is complete, else the newest complete one."""
+    pointer = Path(root) / "latest"
+    if pointer.exists():
+        candidate = Path(root) / pointer.read_text().strip()
+        if (candidate / COMPLETE).exists():
+            return candidate
+    found = complete_checkpoints(root)
+    return found[-1] if found else None
 
 
 def file_digests(root: Path) -> dict[str, list]:

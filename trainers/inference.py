@@ -13,19 +13,16 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from configs import ConfigError, load_config
-from trainers.checkpoint import COMPLETE
+from trainers.checkpoint import latest_complete
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
     """The newest complete checkpoint of a run directory, or a clear error."""
     root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
-    if pointer.exists() and (root / pointer.read_text().strip() / COMPLETE).exists():
-        return root / pointer.read_text().strip()
-    found = sorted(p for p in root.glob("step-*") if (p / COMPLETE).exists()) if root.is_dir() else []
-    if not found:
+    found = latest_complete(root)
+    if found is None:
         raise FileNotFoundError(f"no complete checkpoint in {root}")
-    return found[-1]
+    return found
 
 
 def load_run(run_dir: str | Path):
