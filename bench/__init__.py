@@ -1,0 +1,1 @@
+"""Benchmarks behind `make bench`: shard reader, trainer overhead, memory. See bench/run.py."""

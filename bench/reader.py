@@ -1,0 +1,255 @@
+"""Shard reader throughput against the raw decode limit and the plain webdataset pipeline.
+
+Data: scikit-learn's two sample photographs cut into random square crops (side drawn between
+the target size and the photo's short side), resized (bicubic) to 64x64 or 256x256 and
+written with ``build_shards`` as JPEG (quality 90) and PNG shards. Nothing is downloaded.
+
+Per (size, format), three loops run side by side, round-robin, each on one core:
+
+* ``reader``: gentrain's ``ShardStream`` (tar -> samples -> decode -> shuffle buffer of 512 ->
+  uint8 [B,C,H,W] batches), num_workers=0, iterated past its shuffle-buffer warm-up.
+* ``raw_decode``: only the decoder the reader uses, on the same encoded bytes already in
+  memory (simplejpeg for JPEG, PIL for PNG): the limit a reader can approach.
+* ``webdataset``: ``wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("jpg;png",
+  "cls")``, batched into the same uint8 [B,C,H,W] tensors.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import time
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.common import interleaved, interleaved_timed, median, median_ratio
+
+BATCH = 64
+
+
+def make_crops(n: int, size: int, seed: int = 0) -> list[np.ndarray]:
+    """``n`` random square crops of sklearn's sample photographs, resized to ``size``."""
+    from sklearn.datasets import load_sample_images
+
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    crops = []
+    for i in range(n):
+        photo = photos[i % len(photos)]
+        h, w = photo.shape[:2]
+        side = int(rng.integers(min(size, min(h, w)), min(h, w) + 1))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        crop = Image.fromarray(photo[y : y + side, x : x + side]).resize((size, size), Image.Resampling.BICUBIC)
+        crops.append(np.asarray(crop))
+    return crops
+
+
+def build_bench_shards(root: Path, size: int, fmt: str, n: int, shard_size: int) -> Path:
+    """Shards of ``n`` crops (``size``, ``fmt``) under ``root``; built once, reused after."""
+    from data_shards.build import build_shards
+
+    out = root / f"shards-{size}-{fmt}-{n}-labelled"
+    if (out / "manifest.json").is_file():
+        return out
+    folder = root / f"crops-{size}-{n}-labelled"
+    if not folder.is_dir():
+        tmp = root / f".crops-{size}-{n}-labelled.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        for i, crop in enumerate(make_crops(n, size)):
+            label_dir = tmp / f"photo{i % 2}"  # ImageFolder layout: the shards get .cls labels
+            label_dir.mkdir(exist_ok=True)
+            Image.fromarray(crop).save(label_dir / f"{i:06d}.png")  # lossless: the shard holds the only lossy step
+        os.replace(tmp, folder)
+    build_shards(f"folder:{folder}", out, shard_size=shard_size, image_size=size, image_format=fmt, progress=False)
+    return out
+
+
+def raw_decoder(fmt: str):
+    """The bare decode call the reader's decode path ends in, for bytes -> HWC uint8."""
+    from data_shards import decode
+
+    if fmt == "jpg" and decode._simplejpeg is not None:
+        sj = decode._simplejpeg
+        return "simplejpeg", lambda data: sj.decode_jpeg(data, "RGB", fastdct=False, fastupsample=False)
+    return "PIL", lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def collate_like_reader(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 [B,C,H,W], as the reader returns (same copy strategy)."""
+    h, w, c = images[0].shape
+    out = np.empty((len(images), c, h, w), dtype=np.uint8)
+    for i, image in enumerate(images):
+        out[i] = image.transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
+def bench_config(shards: Path, size: int, fmt: str, images: int, rounds: int) -> dict:
+    """Images/s of reader, raw decode and webdataset for one (size, format), and the ratios."""
+    import webdataset as wds
+
+    from data_shards.stream import ShardStream, read_shard, resolve_shards
+
+    urls = resolve_shards(shards)
+    encoded = [raw[fmt] for url in urls for raw in read_shard(url)]
+    decoder_name, decode = raw_decoder(fmt)
+    batches = max(1, images // BATCH)
+    n_images = batches * BATCH
+
+    stream = iter(ShardStream(urls, BATCH, image_size=size, channels=3, shuffle_buffer=512, seed=0))
+    stream_cl = iter(ShardStream(urls, BATCH, image_size=size, channels=3, shuffle_buffer=512, seed=0,
+                                 channels_last=True))
+
+    def wds_batches():
+        group = []  # batches run across passes, as the reader's do
+        while True:
+            pipeline = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("rgb8").to_tuple("jpg;png", "cls")
+            for image, _label in pipeline:
+                group.append(image)
+                if len(group) == BATCH:
+                    yield {"image": collate_like_reader(group)}
+                    group = []
+
+    wds_iter = wds_batches()
+    cycle = itertools.cycle(encoded)
+
+    def run_reader() -> int:
+        for _ in range(batches):
+            next(stream)
+        return n_images
+
+    def run_reader_cl() -> int:
+        for _ in range(batches):
+            next(stream_cl)
+        return n_images
+
+    def run_raw() -> int:
+        for _ in range(n_images):
+            decode(next(cycle))
+        return n_images
+
+    def run_wds() -> int:
+        for _ in range(batches):
+            next(wds_iter)
+        return n_images
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Warm-up: fill the reader's shuffle buffer, open the first shards, touch every byte.
+        for _ in range(512 // BATCH + 2):
+            next(stream)
+            next(stream_cl)
+        next(wds_iter)
+        for data in encoded[:BATCH]:
+            decode(data)
+        per_image = interleaved({"reader": run_reader, "raw_decode": run_raw, "webdataset": run_wds,
+                                 "reader_channels_last": run_reader_cl}, rounds)
+    return {
+        "images_per_round": n_images,
+        "rounds": rounds,
+        "decoder": decoder_name,
+        "images_per_s": {name: 1.0 / median(times) for name, times in per_image.items()},
+        "reader_vs_raw_decode": median_ratio(per_image["raw_decode"], per_image["reader"]),
+        "reader_vs_webdataset": median_ratio(per_image["webdataset"], per_image["reader"]),
+        "reader_channels_last_vs_raw_decode": median_ratio(per_image["raw_decode"], per_image["reader_channels_last"]),
+    }
+
+
+def bench_decoders(shards: Path, size: int, images: int, rounds: int) -> dict:
+    """JPEG decoder choice: PIL (full decode), PIL with draft, simplejpeg: images/s and vs PIL."""
+    from data_shards import decode as dec
+    from data_shards.stream import read_shard, resolve_shards
+
+    encoded = [raw["jpg"] for url in resolve_shards(shards) for raw in read_shard(url)][:images]
+
+    def pil(data):
+        return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+    def pil_draft(data):
+        img = Image.open(io.BytesIO(data))
+        img.draft("RGB", (size, size))
+        return np.asarray(img.convert("RGB"))
+
+    fns = {"pil": pil, "pil_draft": pil_draft}
+    if dec._simplejpeg is not None:
+        fns["simplejpeg"] = lambda data: dec._simplejpeg.decode_jpeg(data, "RGB", fastdct=False, fastupsample=False)
+    fns["gentrain_decode_image"] = lambda data: dec.decode_image(data, "jpg", 3, size)
+
+    def loop(fn):
+        def run():
+            for data in encoded:
+                fn(data)
+            return len(encoded)
+        return run
+
+    per_image = interleaved({name: loop(fn) for name, fn in fns.items()}, rounds)
+    return {
+        "images_per_s": {name: 1.0 / median(t) for name, t in per_image.items()},
+        "vs_pil": {name: median_ratio(per_image["pil"], t) for name, t in per_image.items()},
+    }
+
+
+def bench_scaling(shards: Path, size: int, images: int, rounds: int) -> dict:
+    """The reader under a DataLoader with 0, 1 and 2 workers; efficiency against linear."""
+    from data_shards.stream import make_loader
+
+    batches = max(1, images // BATCH)
+    loaders = {}
+    for workers in (0, 1, 2):
+        loader = make_loader(shards, BATCH, num_workers=workers, image_size=size, channels=3, shuffle_buffer=512)
+        loaders[workers] = iter(loader)
+        for _ in range(512 // BATCH + 2 + 2 * workers):  # start workers, fill their buffers
+            next(loaders[workers])
+
+    def run(workers):
+        def go():
+            # Batches the workers prefetched while other loaders were timed are not theirs
+            # to count: drain them (prefetch_factor 2 per worker) before the clock starts.
+            for _ in range(2 * workers):
+                next(loaders[workers])
+            t0 = time.perf_counter()
+            for _ in range(batches):
+                next(loaders[workers])
+            return time.perf_counter() - t0
+        return go
+
+    per_image = interleaved_timed({f"workers_{w}": run(w) for w in loaders}, rounds, batches * BATCH)
+    rate = {name: 1.0 / median(t) for name, t in per_image.items()}
+    out = {
+        "images_per_s": rate,
+        "speedup_1_to_2_workers": median_ratio(per_image["workers_1"], per_image["workers_2"]),
+        "workers_1_vs_in_process": median_ratio(per_image["workers_0"], per_image["workers_1"]),
+    }
+    out["efficiency_2_workers_vs_linear"] = out["speedup_1_to_2_workers"] / 2
+    for it in loaders.values():
+        del it
+    return out
+
+
+def run(quick: bool = False, root: Path | None = None) -> dict:
+    """All reader figures; ``quick`` uses tiny inputs (a smoke run)."""
+    torch.set_num_threads(1)
+    root = Path(root or Path(tempfile.gettempdir()) / "gentrain-bench")
+    root.mkdir(parents=True, exist_ok=True)
+    sizes = {64: 2048, 256: 512}
+    images = {(64, "jpg"): 2048, (64, "png"): 1024, (256, "jpg"): 256, (256, "png"): 128}
+    rounds = 7
+    if quick:
+        sizes = {64: 64, 256: 16}
+        images = {key: 64 if key[0] == 64 else 16 for key in images}
+        rounds = 1
+    results: dict = {"reader": {}, "decoders": {}}
+    for size, n in sizes.items():
+        for fmt in ("jpg", "png"):
+            shards = build_bench_shards(root, size, fmt, n, shard_size=max(n // 8, 16))
+            results["reader"].setdefault(str(size), {})[fmt] = bench_config(shards, size, fmt, images[(size, fmt)], rounds)
+            if fmt == "jpg":
+                results["decoders"][str(size)] = bench_decoders(shards, size, min(n, images[(size, fmt)]), rounds)
+    if not quick:  # starting workers costs seconds: not for a smoke run
+        shards = build_bench_shards(root, 64, "jpg", sizes[64], shard_size=max(sizes[64] // 8, 16))
+        results["scaling"] = bench_scaling(shards, 64, images[(64, "jpg")], rounds)
+    return results

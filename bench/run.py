@@ -1,0 +1,176 @@
+"""`make bench` / `python -m bench.run [--quick] [--out DIR]`: reader, trainer and memory figures.
+
+Writes DIR/results.json (raw figures and the ratios ``reader_vs_raw_decode``,
+``reader_vs_webdataset`` per image size and format, ``trainer_step_vs_bare_loop`` per model)
+and DIR/results.md (the tables). DIR defaults to bench/. Every ratio compares loops timed
+side by side in the same process, round-robin, median over rounds: absolute rates on a shared
+machine move from run to run, the ratios much less.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TARGETS = {"reader_vs_raw_decode": (">=", 0.90), "reader_vs_webdataset": (">=", 2.5),
+           "trainer_step_vs_bare_loop": ("<=", 1.10)}
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        load = os.getloadavg()
+    except OSError:
+        load = None
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "load_avg_at_start": load, "platform": platform.platform()}
+
+
+def _meets(name: str, value: float) -> str:
+    op, target = TARGETS[name]
+    ok = value >= target if op == ">=" else value <= target
+    return f"{value:.2f} ({'meets' if ok else 'misses'} {op} {target})"
+
+
+def to_markdown(results: dict) -> str:
+    m = results["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}; "
+             f"load average at start {m['load_avg_at_start']}. {'QUICK smoke run: not meaningful. ' if results['quick'] else ''}"
+             f"Ratios are medians over interleaved rounds in one process.", ""]
+    reader = results.get("reader", {})
+    if reader.get("reader"):
+        lines += ["**Reader** (images/s, one core, batch 64, shuffle buffer 512; `reader` is `ShardStream`, "
+                  "`raw decode` only decodes the same bytes from memory with the same decoder, `webdataset` is "
+                  "`wds.WebDataset(urls).decode(\"rgb8\").to_tuple(...)` batched the same way)", "",
+                  "| size | format | decoder | reader | raw decode | webdataset | reader_vs_raw_decode | "
+                  "reader_vs_webdataset | channels_last reader vs raw |",
+                  "|---|---|---|---:|---:|---:|---|---|---:|"]
+        for size, fmts in reader["reader"].items():
+            for fmt, r in fmts.items():
+                ips = r["images_per_s"]
+                lines.append(f"| {size} | {fmt} | {r['decoder']} | {ips['reader']:.0f} | {ips['raw_decode']:.0f} | "
+                             f"{ips['webdataset']:.0f} | {_meets('reader_vs_raw_decode', r['reader_vs_raw_decode'])} | "
+                             f"{_meets('reader_vs_webdataset', r['reader_vs_webdataset'])} | "
+                             f"{r['reader_channels_last_vs_raw_decode']:.2f} |")
+        lines.append("")
+    if reader.get("decoders"):
+        lines += ["**JPEG decoder choice** (images/s on the shards' bytes; ratio to plain PIL)", "",
+                  "| size | " + " | ".join(next(iter(reader["decoders"].values()))["images_per_s"]) + " |",
+                  "|---|" + "---:|" * len(next(iter(reader["decoders"].values()))["images_per_s"])]
+        for size, d in reader["decoders"].items():
+            lines.append(f"| {size} | " + " | ".join(f"{d['images_per_s'][k]:.0f} ({d['vs_pil'][k]:.2f}x)"
+                                                     for k in d["images_per_s"]) + " |")
+        lines.append("")
+    if reader.get("scaling"):
+        s = reader["scaling"]
+        ips = s["images_per_s"]
+        lines += ["**Reader scaling** (64x64 JPEG, DataLoader workers; the main process only receives batches)", "",
+                  "| in-process | 1 worker | 2 workers | 2 workers / 1 worker | efficiency vs linear |",
+                  "|---:|---:|---:|---:|---:|",
+                  f"| {ips['workers_0']:.0f} | {ips['workers_1']:.0f} | {ips['workers_2']:.0f} | "
+                  f"{s['speedup_1_to_2_workers']:.2f}x | {s['efficiency_2_workers_vs_linear']:.0%} |", ""]
+    trainer = results.get("trainer", {})
+    if trainer:
+        lines += ["**Trainer step** (ms/step, single process, fp32, 1 thread, digits presets' batch and model; "
+                  "synthetic uint8 batch)", "",
+                  "| model | bare loop | task step (DeepSpeed) | loop step (+logging) | task / bare | loop / task | "
+                  "EMA | samples+ckpt amortised | trainer_step_vs_bare_loop |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for kind, t in trainer.items():
+            ms = t["ms_per_step"]
+            lines.append(f"| {kind} (batch {t['batch_size']}, {t['image_size']}px) | {ms['bare']:.1f} | "
+                         f"{ms['task_step']:.1f} | {ms['loop_step']:.1f} | {t['task_step_vs_bare_loop']:.3f} | "
+                         f"{t['loop_step_vs_task_step']:.3f} | {t['pieces_ms_per_step'].get('ema_ms', 0):.2f} | "
+                         f"{t['amortised_ms_per_step']:.2f} | "
+                         f"{_meets('trainer_step_vs_bare_loop', t['trainer_step_vs_bare_loop'])} |")
+        lines += ["", "ms columns are medians over rounds of each loop on its own; the ratio columns are medians of "
+                  "per-round paired ratios (the figure to trust on a loaded machine)."]
+        lines.append("")
+    memory = results.get("memory", {})
+    if memory:
+        lines += ["**Memory** (RSS sampled through the run; slope fitted after the first 30%)", "",
+                  "| process | length | RSS after warm-up | RSS end | peak RSS | slope | flat |",
+                  "|---|---:|---:|---:|---:|---:|---|"]
+        for name, r in memory.items():
+            if "error" in r:
+                lines.append(f"| {name} | error: {r['error'].splitlines()[-1] if r['error'] else '?'} | | | | | |")
+                continue
+            unit = "batch" if "batchs" in r else "step"
+            lines.append(f"| {name} | {r[unit + 's']} {unit}{'es' if unit == 'batch' else 's'} | "
+                         f"{r['rss_after_warmup_mib']:.0f} MiB | {r['rss_end_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB | "
+                         f"{r['slope_mib_per_1k']:+.2f} MiB/1k {unit}{'es' if unit == 'batch' else 's'} | "
+                         f"{'yes' if r['flat'] else 'NO'} |")
+        lines.append("")
+    lines.append(f"Made by `{results['command']}` in {results['seconds']:.0f} s.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny inputs, few rounds: a smoke run (seconds)")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent), help="where results.json/.md go")
+    parser.add_argument("--work", default=None, help="scratch directory for shards and runs (default: a temp dir)")
+    parser.add_argument("--only", default="reader,trainer,memory", help="comma-separated parts to run")
+    parser.add_argument("--render", action="store_true", help="only re-render results.md from results.json")
+    args = parser.parse_args(argv)
+    if args.render:
+        results = json.loads((Path(args.out) / "results.json").read_text())
+        (Path(args.out) / "results.md").write_text(to_markdown(results))
+        print(to_markdown(results))
+        return 0
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/gentrain/torch_extensions"))
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    work = Path(args.work or Path(tempfile.gettempdir()) / f"gentrain-bench{'-quick' if args.quick else ''}")
+    work.mkdir(parents=True, exist_ok=True)
+    parts = set(args.only.split(","))
+    started = time.perf_counter()
+    results: dict = {"machine": machine(), "quick": args.quick,
+                     "command": "python -m bench.run" + (" --quick" if args.quick else ""), "targets": TARGETS}
+    from bench import reader
+
+    if "reader" in parts:
+        print("[bench] reader ...", flush=True)
+        results["reader"] = reader.run(quick=args.quick, root=work)
+        for size, fmts in results["reader"]["reader"].items():  # the named ratios, per size and format
+            for fmt, r in fmts.items():
+                results.setdefault("reader_vs_raw_decode", {}).setdefault(size, {})[fmt] = r["reader_vs_raw_decode"]
+                results.setdefault("reader_vs_webdataset", {}).setdefault(size, {})[fmt] = r["reader_vs_webdataset"]
+    if "trainer" in parts:
+        print("[bench] trainer ...", flush=True)
+        from bench import trainer
+
+        results["trainer"] = trainer.run(quick=args.quick, root=work)
+        results["trainer_step_vs_bare_loop"] = {k: v["trainer_step_vs_bare_loop"] for k, v in results["trainer"].items()}
+    if "memory" in parts:
+        print("[bench] memory ...", flush=True)
+        from bench import memory
+
+        size = 64
+        n = 256 if args.quick else 2048
+        shards = reader.build_bench_shards(work, size, "jpg", n, shard_size=max(n // 8, 16))
+        results["memory"] = memory.run(args.quick, work, shards, size)
+    results["seconds"] = time.perf_counter() - started
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(to_markdown(results))
+    print(to_markdown(results))
+    print(f"[bench] wrote {out / 'results.json'} and {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

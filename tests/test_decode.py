@@ -1,0 +1,172 @@
+"""The fast paths agree with the reference paths they shortcut.
+
+* JPEG: simplejpeg's decode (data_shards/decode.py) is bit-identical to PIL's for every case it
+  accepts (tolerance: 0, exact equality); everything else falls back to PIL.
+* Tars: the stream's header scan of plain local shards yields exactly what tarfile reads, and
+  hands anything it cannot vouch for to tarfile.
+"""
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_shards import decode
+from data_shards.decode import BadSample, decode_image
+from data_shards.stream import _group_members, _scan_local_tar, _tarfile_members, read_shard
+
+pytestmark = pytest.mark.skipif(decode._simplejpeg is None, reason="simplejpeg not installed")
+
+
+def photo(h=97, w=131, seed=0) -> np.ndarray:
+    """A smooth, textured RGB image (JPEG-realistic, unlike pure noise)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(x / 7.0 + c) * 60 + np.cos(y / 5.0 - c) * 50 + 128 for c in range(3)], axis=-1)
+    return np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)
+
+
+def jpeg(array: np.ndarray, mode="RGB", **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).convert(mode).save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def pil_reference(data: bytes, *args, **kwargs) -> np.ndarray:
+    """decode_image with the fast path switched off."""
+    saved, decode._simplejpeg = decode._simplejpeg, None
+    try:
+        return decode_image(data, "jpg", *args, **kwargs)
+    finally:
+        decode._simplejpeg = saved
+
+
+def fast_was_used(monkeypatch, data, *args) -> bool:
+    calls = []
+    real = decode._decode_jpeg_fast
+    monkeypatch.setattr(decode, "_decode_jpeg_fast", lambda *a: calls.append(r := real(*a)) or r)
+    decode_image(data, "jpg", *args)
+    return calls[0] is not None
+
+
+CASES = [  # (source mode, save options, channels, image_size)
+    ("RGB", {"quality": 90}, None, None),
+    ("RGB", {"quality": 90}, 3, (97, 131)),
+    ("RGB", {"quality": 75, "subsampling": 0}, 3, None),
+    ("RGB", {"quality": 95, "subsampling": 1}, None, None),
+    ("RGB", {"quality": 90, "progressive": True}, 3, None),
+    ("RGB", {"quality": 90}, 3, 64),  # resize, no DCT scaling (131 // 64 >= 2 but 97 // 64 < 2)
+    ("RGB", {"quality": 90}, 1, 64),  # colour -> grey with a target: PIL's draft takes luma
+    ("L", {"quality": 90}, None, None),
+    ("L", {"quality": 90}, 3, None),  # grey -> RGB replicates
+    ("L", {"quality": 90}, 1, 80),
+]
+
+
+@pytest.mark.parametrize("mode, save, channels, size", CASES)
+def test_fast_jpeg_is_bit_identical_to_pil(monkeypatch, mode, save, channels, size):
+    data = jpeg(photo(), mode, **save)
+    ref = pil_reference(data, channels, size)
+    got = decode_image(data, "jpg", channels, size)
+    assert fast_was_used(monkeypatch, data, channels, size)
+    assert got.dtype == ref.dtype == np.uint8 and got.shape == ref.shape
+    assert np.array_equal(got, ref)  # tolerance 0
+
+
+@pytest.mark.parametrize("channels, size", [
+    (1, None),  # colour -> grey without a target: PIL's own RGB->L weights
+    (3, 32),  # 131x97 -> 32: PIL's draft decodes at 1/2 or 1/4 scale
+])
+def test_cases_the_fast_path_declines_go_to_pil(monkeypatch, channels, size):
+    data = jpeg(photo())
+    assert not fast_was_used(monkeypatch, data, channels, size)
+    assert np.array_equal(decode_image(data, "jpg", channels, size), pil_reference(data, channels, size))
+
+
+def test_cmyk_exif_and_broken_jpegs_fall_back_to_pil(monkeypatch):
+    cmyk = jpeg(photo(), "CMYK")
+    assert not fast_was_used(monkeypatch, cmyk, 3, None)
+    assert np.array_equal(decode_image(cmyk, "jpg", 3), pil_reference(cmyk, 3))
+    data = jpeg(photo())
+    assert np.array_equal(decode_image(data, "jpg", 3, None, exif_transpose=True),
+                          pil_reference(data, 3, None, exif_transpose=True))
+    for broken in (data[: len(data) // 2], data[:3] + b"garbage" * 20):
+        with pytest.raises(BadSample) as fast_err:
+            decode_image(broken, "jpg", 3)
+        with pytest.raises(BadSample) as ref_err:
+            pil_reference(broken, 3)
+        assert fast_err.value.reason == ref_err.value.reason == "decode_error"
+
+
+def test_too_large_is_reported_as_before():
+    data = jpeg(photo())
+    with pytest.raises(BadSample) as err:
+        decode_image(data, "jpg", 3, None, max_pixels=100)
+    assert err.value.reason == "too_large"
+
+
+# ---------------------------------------------------------------------------- tar scan
+
+
+def write_tar(path, members, fmt=tarfile.USTAR_FORMAT):
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+MEMBERS = [("a/000.jpg", b"x" * 700), ("a/000.cls", b"1"), ("a/000.cls", b"2"), ("dir", None),
+           ("__index__", b"meta"), ("a/001.JPG", b""), ("a/001.cls", b"3"), ("b" * 60 + "/" + "n" * 90 + ".png", b"p" * 513)]
+
+
+def by_tarfile(path):
+    with open(path, "rb") as f:
+        return list(_group_members(str(path), _tarfile_members(str(path), f)))
+
+
+def test_tar_scan_yields_what_tarfile_reads(tmp_path):
+    path = write_tar(tmp_path / "s.tar", MEMBERS)
+    assert _scan_local_tar(str(path)) is not None
+    assert list(read_shard(str(path))) == by_tarfile(path)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT])
+def test_tar_scan_hands_extended_formats_to_tarfile(tmp_path, fmt):
+    path = write_tar(tmp_path / "s.tar", MEMBERS, fmt)  # long name -> GNU 'L' / pax 'x' header
+    assert _scan_local_tar(str(path)) is None
+    assert list(read_shard(str(path))) == by_tarfile(path)
+
+
+def test_tar_scan_refuses_damage(tmp_path):
+    path = write_tar(tmp_path / "s.tar", MEMBERS[:3])
+    data = path.read_bytes()
+    bad = bytearray(data)
+    bad[512 + 1024 + 10] ^= 0xFF  # second header's name: checksum no longer matches
+    (tmp_path / "bad.tar").write_bytes(bytes(bad))
+    (tmp_path / "cut.tar").write_bytes(data[:512 + 1024 + 512 + 100])
+    (tmp_path / "noeof.tar").write_bytes(data[:512 + 1024 + 512 + 512])
+    for name in ("bad.tar", "cut.tar", "noeof.tar"):
+        assert _scan_local_tar(str(tmp_path / name)) is None
+
+
+@pytest.mark.parametrize("name", [
+    "000.jpg", "a/000.jpg", "a/b/000.tar.gz.JPG", "x/.hidden", ".hidden", "a.b/c", "a.b/c.d", "noext", "dir/",
+    "__index__", "__meta__/x.jpg", "a/__key__.jpg", "_a.jpg", "a\nb/c.jpg", "a/b\n.jpg", "a/b.c\n", "./x.jpg",
+    "a//b.jpg", "/abs/k.png", "ü/ключ.png",
+])
+def test_member_name_split_matches_webdataset(name):
+    from webdataset.tariterators import base_plus_ext
+
+    from data_shards.stream import _META_RE, _split_name
+
+    expected = (None, None) if _META_RE.match(name) else base_plus_ext(name)
+    assert _split_name(name) == expected
