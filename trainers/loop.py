@@ -129,7 +129,8 @@ def train(cfg: DictConfig) -> int:
             if step % cfg.trainer.ckpt_every == 0 or last or preempted:
                 if weights_finite(dist_info.device, [e.module for e in task.engines.values()]):
                     checkpointer.save(step, task.engines, rank_state(task, step, images_seen, data), task.weights(),
-                                      {"kind": cfg.kind, "precision": precision})
+                                      {"kind": cfg.kind, "precision": precision, "config": to_yaml(cfg),
+                                       "wandb_id": logger.run_id})
                     rollbacks_in_row = 0
                 elif dist_info.is_main:
                     print(f"[gentrain] step {step}: non-finite weights, checkpoint NOT written", flush=True)
@@ -214,9 +215,22 @@ def rank_state(task, step: int, images_seen: int, data: DataFeed) -> dict:
         "images_seen": images_seen,
         "torch_rng": torch.get_rng_state(),
         "python_rng": random.getstate(),
+        "numpy_rng": numpy_rng_state(),
         "task": task.state(),
         "data": data.state(),
     }
+
+
+def numpy_rng_state() -> dict:
+    """NumPy's global RNG state as tensors and ints, so it loads with weights_only=True."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def set_numpy_rng_state(state: dict) -> None:
+    np.random.set_state((state["name"], state["keys"].numpy().astype(np.uint32), state["pos"],
+                         state["has_gauss"], state["cached_gaussian"]))
 
 
 def restore(task, checkpointer: Checkpointer, path: Path, dist_info) -> tuple[int, int, dict | None]:
@@ -224,6 +238,8 @@ def restore(task, checkpointer: Checkpointer, path: Path, dist_info) -> tuple[in
     state, weights = checkpointer.load(path, task.engines)
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
+    if "numpy_rng" in state:
+        set_numpy_rng_state(state["numpy_rng"])
     task.load_state(state["task"], weights)
     if dist_info.is_main:
         print(f"[gentrain] resumed from {path} at step {state['step']}", flush=True)

@@ -54,8 +54,10 @@ class RunLogger:
             self._wandb.alert(title=title, text=text)
 
     @property
-    def wandb_dir(self) -> str | None:
-        return None if self._wandb is None else self._wandb.dir
+    def run_id(self) -> str | None:
+        """The W&B run id (kept in the run directory, reused on resume); None on ranks > 0."""
+        id_file = self.run_dir / "wandb_id"
+        return id_file.read_text().strip() if self.enabled and id_file.exists() else None
 
     def close(self) -> None:
         if not self.enabled:
