@@ -50,3 +50,63 @@ def test_ema_tracks_with_half_life_in_images():
     ema.update(net, images_per_step=100, images_seen=100)  # one half-life: halfway to the new weights
     for p_ema, p in zip(ema.module.parameters(), net.parameters()):
         assert torch.allclose(p_ema, p - 0.5, atol=1e-6)
+
+
+def test_hinge_and_wasserstein_losses():
+    from trainers.gan_losses import d_loss_hinge, d_loss_wasserstein, g_loss_linear
+
+    real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
+    assert math.isclose(d_loss_hinge(real, fake).item(), (0 + 0.5) / 2 + (0 + 1) / 2)
+    assert math.isclose(d_loss_wasserstein(real, fake).item(), -1.0 - 1.25)
+    assert math.isclose(g_loss_linear(fake).item(), 1.0)
+    assert d_loss_hinge(real.bfloat16(), fake.bfloat16()).dtype == torch.float32
+
+
+def test_r2_and_wgan_gp_closed_forms_for_a_linear_discriminator():
+    from trainers.gan_losses import r2_penalty, wgan_gp_penalty
+
+    d = torch.nn.Linear(3, 1)
+    net = torch.nn.Sequential(d, torch.nn.Flatten(0))
+    x, y = torch.randn(5, 3), torch.randn(5, 3)
+    w2 = d.weight.square().sum()
+    assert torch.allclose(r2_penalty(net, y), w2)
+    gp = wgan_gp_penalty(net, x, y, torch.Generator().manual_seed(0))
+    assert torch.allclose(gp, (w2.sqrt() - 1).square())  # the gradient is w at every interpolate
+    gp.backward()
+    assert d.weight.grad is not None and torch.isfinite(d.weight.grad).all()
+
+
+def test_wgan_gp_is_finite_in_bf16_where_a_bf16_norm_is_not():
+    from trainers.gan_losses import wgan_gp_penalty
+
+    torch.manual_seed(0)
+    d = DCGANDiscriminator(16, 1, 8)
+    with torch.no_grad():  # a critic with huge weights: its input gradient overflows bf16's square
+        for p in d.parameters():
+            p.mul_(400.0)
+    d16 = d.to(torch.bfloat16)
+    real, fake = torch.randn(4, 1, 16, 16), torch.randn(4, 1, 16, 16)
+    gp = wgan_gp_penalty(d16, real.bfloat16(), fake.bfloat16(), torch.Generator().manual_seed(1))
+    assert gp.dtype == torch.float32 and torch.isfinite(gp)
+    gp.backward()
+    assert all(torch.isfinite(p.grad.float()).all() for p in d16.parameters() if p.grad is not None)
+
+
+def test_lazy_regularisation_compensation_matches_stylegan2():
+    from trainers.gan_losses import lazy_adam_compensation
+
+    lr, betas = lazy_adam_compensation(0.002, (0.0, 0.99), 16)  # StyleGAN2: D reg every 16 steps
+    c = 16 / 17
+    assert math.isclose(lr, 0.002 * c) and betas == (0.0, 0.99 ** c)
+    assert lazy_adam_compensation(1e-3, (0.5, 0.9), 1) == (1e-3, (0.5, 0.9))
+
+
+def test_ema_beta_is_stylegan2_ada_formula_with_rampup():
+    net = MLPDiscriminator(4)
+    ema = EMA(net, halflife_kimg=10.0, rampup=0.05)
+    # StyleGAN2-ADA training_loop: ema_nimg = min(ema_kimg*1000, cur_nimg*ema_rampup);
+    # ema_beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
+    for seen in (0, 64, 64_000, 10_000_000):
+        expected = 0.5 ** (64 / max(min(10_000.0, seen * 0.05), 1e-8))
+        assert math.isclose(ema.beta(64, seen), expected)
+    assert ema.beta(64, 0) == 0.0  # first step: copy the generator

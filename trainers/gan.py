@@ -1,21 +1,43 @@
-"""The GAN step: a discriminator phase (logistic loss + lazy R1) then a generator phase.
+"""The GAN step: n discriminator updates, then one generator update, then the EMA.
 
-G and D are separate DeepSpeed engines with their own AdamW and learning rates. Each engine
-runs exactly one backward per step (ZeRO-2 refuses a second one), so D's real, fake and
-penalty terms are summed before its backward.
+G and D are separate DeepSpeed engines with their own AdamW, learning rates and betas (TTUR).
+Each engine runs exactly one backward per optimizer step (ZeRO-2 refuses a second one), so D's
+real, fake and penalty terms are summed before its backward.
+
+Data per loop step: the loop hands the task one real batch of data.batch_size samples. With
+loss.d_steps = n it is split into n equal chunks, one per D update (each against as many fresh
+fakes); G then updates once on data.batch_size fresh latents. So a loop step still consumes
+exactly one batch, whatever n is, and resuming stays exact.
+
+Penalties (R1, R2, WGAN-GP; trainers.gan_losses) run in fp32 on the first D update of every
+k-th step (k = loss.r1_every), scaled by k; D's Adam is built with StyleGAN2's lr*c, beta**c,
+c = k/(k+1). Every phase's loss is checked finite on all ranks at once (trainers.guard) before
+its backward; a non-finite D loss skips the rest of the step and is counted.
+
+Diagnostics (trainers.gan_diagnostics): r_t and gradient norms every step; diversity, mode
+coverage and the collapse alert every diagnostics.every steps, decided on values agreed by all
+ranks (one all-reduce and one broadcast at those steps, on every rank).
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
-from omegaconf import DictConfig
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
 
+from configs import ConfigError
 from models import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
-from trainers.distributed import DistInfo
+from trainers.augment import diff_augment, parse_ops
+from trainers.distributed import DistInfo, all_reduce_mean
 from trainers.ema import EMA
 from trainers.engines import make_engine, module_dtype
+from trainers.gan_diagnostics import (COVERAGE_KEYS, CollapseMonitor, coverage_kind, diversity,
+                                      images_to_uint8_nchw, make_coverage_scorer)
+from trainers.gan_losses import (D_LOSSES, G_LOSSES, lazy_adam_compensation, r1_penalty, r2_penalty,
+                                 wgan_gp_penalty)
 from trainers.guard import all_finite
-from trainers.gan_losses import d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
 from trainers.images import make_grid, scatter_plot, to_uint8
 
 
@@ -28,16 +50,49 @@ def build_networks(cfg: DictConfig):
             DCGANDiscriminator(cfg.data.image_size, cfg.data.channels, m.d_channels))
 
 
+def penalties_on(loss_cfg: DictConfig) -> bool:
+    return loss_cfg.r1_gamma > 0 or loss_cfg.r2_gamma > 0 or loss_cfg.gp_gamma > 0
+
+
+def d_optim_config(cfg: DictConfig) -> DictConfig:
+    """optim.d, with StyleGAN2's lazy-regularisation compensation applied where it is due."""
+    d = OmegaConf.create(OmegaConf.to_container(cfg.optim.d, resolve=True))
+    if cfg.loss.lazy_compensation and penalties_on(cfg.loss) and cfg.loss.r1_every > 1:
+        d.lr, betas = lazy_adam_compensation(d.lr, tuple(d.betas), cfg.loss.r1_every)
+        d.betas = list(betas)
+    return d
+
+
+def check_gan_config(cfg: DictConfig) -> tuple[str, ...]:
+    """Checks the schema cannot express; returns the augmentation ops."""
+    loss = cfg.loss
+    if loss.r1_every < 1 or loss.d_steps < 1:
+        raise ConfigError(f"loss.r1_every and loss.d_steps must be >= 1, got {loss.r1_every} and {loss.d_steps}")
+    if cfg.data.batch_size % loss.d_steps:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by loss.d_steps={loss.d_steps}")
+    if min(loss.r1_gamma, loss.r2_gamma, loss.gp_gamma) < 0:
+        raise ConfigError("loss.r1_gamma, loss.r2_gamma and loss.gp_gamma must be >= 0")
+    try:
+        ops = parse_ops(OmegaConf.to_object(loss.augment) if OmegaConf.is_config(loss.augment) else loss.augment)
+    except ValueError as err:
+        raise ConfigError(f"bad value for 'loss.augment': {err}") from None
+    if ops and cfg.model.arch == "mlp":
+        raise ConfigError("loss.augment works on images; the mlp (2-D points) model takes no augmentation")
+    return ops
+
+
 class GANTask:
-    """Owns the G and D engines and the generator EMA."""
+    """Owns the G and D engines, the generator EMA and the collapse diagnostics."""
 
     def __init__(self, cfg: DictConfig, dist_info: DistInfo, precision: str):
         self.cfg, self.dist = cfg, dist_info
+        self.augment_ops = check_gan_config(cfg)
         generator, discriminator = build_networks(cfg)
         self.g = make_engine(generator, cfg.optim.g, cfg, dist_info, precision)
-        self.d = make_engine(discriminator, cfg.optim.d, cfg, dist_info, precision)
+        self.d = make_engine(discriminator, d_optim_config(cfg), cfg, dist_info, precision)
         self.engines = {"g": self.g, "d": self.d}
         self.g_dtype, self.d_dtype = module_dtype(self.g.module), module_dtype(self.d.module)
+        self.d_loss_fn, self.g_loss_fn = D_LOSSES[cfg.loss.loss], G_LOSSES[cfg.loss.loss]
         self.ema = EMA(self.g.module, cfg.loss.ema_halflife_kimg, cfg.loss.ema_rampup) \
             if cfg.loss.ema_halflife_kimg > 0 else None
         self.noise = torch.Generator(device=dist_info.device).manual_seed(cfg.run.seed * 1000 + dist_info.rank)
@@ -46,6 +101,11 @@ class GANTask:
         self.images_per_step = cfg.data.batch_size * dist_info.world_size
         self.images_seen = 0
         self.num_steps = 0
+        diag = cfg.diagnostics
+        self.coverage_kind = coverage_kind(cfg) if diag.every > 0 else None
+        self._scorer = None  # fitted on rank 0 at the first diagnostic
+        self.monitor = CollapseMonitor(diag.alert_min_coverage, diag.alert_min_diversity, diag.alert_after_steps,
+                                       diag.alert_patience, dist_info.is_main)
 
     def _z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.cfg.model.z_dim, generator=self.noise, device=self.dist.device)
@@ -55,38 +115,69 @@ class GANTask:
             return batch["points"].to(self.dist.device).float()
         return batch["image"].to(self.dist.device, non_blocking=True).float().div_(127.5).sub_(1.0)
 
+    def _aug(self, x: torch.Tensor) -> torch.Tensor:
+        return diff_augment(x, self.augment_ops, self.noise) if self.augment_ops else x
+
+    def _d_penalties(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The weighted sum of the enabled penalties (fp32, scaled by the lazy interval) and their values."""
+        loss, k = self.cfg.loss, self.cfg.loss.r1_every
+        total, values = torch.zeros((), device=real.device), {}
+        if loss.r1_gamma > 0:
+            r1 = r1_penalty(self.d.module, real)
+            total = total + r1 * (loss.r1_gamma / 2 * k)
+            values["r1"] = r1
+        if loss.r2_gamma > 0:
+            r2 = r2_penalty(self.d.module, fake)
+            total = total + r2 * (loss.r2_gamma / 2 * k)
+            values["r2"] = r2
+        if loss.gp_gamma > 0:
+            gp = wgan_gp_penalty(self.d.module, real, fake, self.noise)
+            total = total + gp * (loss.gp_gamma * k)
+            values["gp"] = gp
+        return total, values
+
     def train_step(self, batch: dict) -> dict[str, float]:
-        real = self._real(batch)
-        n = real.shape[0]
+        real_all = self._real(batch)
+        n = real_all.shape[0]
         self.num_steps += 1
         self.images_seen += self.images_per_step
-        lazy = self.cfg.loss.r1_every
-        do_r1 = self.cfg.loss.r1_gamma > 0 and self.num_steps % lazy == 0
+        loss_cfg = self.cfg.loss
+        do_reg = penalties_on(loss_cfg) and self.num_steps % loss_cfg.r1_every == 0
+        metrics: dict[str, float] = {}
 
-        # Discriminator phase: one backward for real + fake (+ R1) terms.
-        with torch.no_grad():
-            fake = self.g.module(self._z(n).to(self.g_dtype))
-        logits = self.d(torch.cat([real, fake.float()]).to(self.d_dtype)).float()
-        real_logits, fake_logits = logits[:n], logits[n:]
-        d_loss = d_loss_nonsaturating(real_logits, fake_logits)
-        d_total = d_loss
-        if batch.get("poison"):  # fault injection (trainers.faults): a real NaN through the real guard
-            d_total = d_total * float("nan")
-        metrics = {}
-        if do_r1:
-            r1 = r1_penalty(self.d.module, real)
-            d_total = d_total + r1 * (self.cfg.loss.r1_gamma / 2 * lazy)
-            metrics["r1"] = r1.item()
-        if not all_finite(self.dist.device, d_total):
-            return {"nonfinite_skipped": 1.0}  # skip the whole step: G would train against a broken D
-        self.d.backward(d_total)
-        self.d.step()
+        # Discriminator phase: d_steps updates, each one backward over real + fake (+ penalties).
+        d_sums = {"d_loss": 0.0, "d_real_logit": 0.0, "d_fake_logit": 0.0, "d_rt": 0.0}
+        for i, real in enumerate(real_all.chunk(loss_cfg.d_steps)):
+            m = real.shape[0]
+            with torch.no_grad():
+                fake = self.g.module(self._z(m).to(self.g_dtype)).float()
+            real_in, fake_in = self._aug(real), self._aug(fake)
+            logits = self.d(torch.cat([real_in, fake_in]).to(self.d_dtype)).float()
+            real_logits, fake_logits = logits[:m], logits[m:]
+            d_loss = self.d_loss_fn(real_logits, fake_logits)
+            d_total = d_loss
+            if batch.get("poison"):  # fault injection (trainers.faults): a real NaN through the real guard
+                d_total = d_total * float("nan")
+            if do_reg and i == 0:
+                penalty, values = self._d_penalties(real_in, fake_in)
+                d_total = d_total + penalty
+                metrics.update({k: v.item() for k, v in values.items()})
+            if not all_finite(self.dist.device, d_total):
+                return {"nonfinite_skipped": 1.0}  # skip the whole step: G would train against a broken D
+            self.d.backward(d_total)
+            self.d.step()
+            d_sums["d_loss"] += d_loss.item()
+            d_sums["d_real_logit"] += real_logits.mean().item()
+            d_sums["d_fake_logit"] += fake_logits.mean().item()
+            d_sums["d_rt"] += real_logits.sign().mean().item()  # r_t = E[sign(D(real))] (StyleGAN2-ADA)
+        metrics.update({k: v / loss_cfg.d_steps for k, v in d_sums.items()})
+        d_norm = self.d.get_global_grad_norm()
 
         # Generator phase: D's weights frozen so its engine sees no gradients from G's loss.
         self.d.module.requires_grad_(False)
         try:
             fake = self.g(self._z(n).to(self.g_dtype))
-            g_loss = g_loss_nonsaturating(self.d.module(fake.to(self.d_dtype)))
+            g_loss = self.g_loss_fn(self.d.module(self._aug(fake.float()).to(self.d_dtype)))
             g_ok = all_finite(self.dist.device, g_loss)
             if g_ok:
                 self.g.backward(g_loss)
@@ -96,18 +187,54 @@ class GANTask:
         if not g_ok:
             metrics["nonfinite_skipped"] = 1.0
         if self.ema is not None:
-            self.ema.update(self.g.module, self.images_per_step, self.images_seen)
+            # StyleGAN2-ADA counts the images seen *before* this step in the ramp-up.
+            self.ema.update(self.g.module, self.images_per_step, self.images_seen - self.images_per_step)
 
         if g_ok:
             metrics["g_loss"] = g_loss.item()
-        metrics.update({
-            "d_loss": d_loss.item(),
-            "d_real_logit": real_logits.mean().item(),
-            "d_fake_logit": fake_logits.mean().item(),
-            "lr_g": self.g.get_lr()[0],
-            "lr_d": self.d.get_lr()[0],
-        })
+            g_norm = self.g.get_global_grad_norm()
+            if g_norm is not None:
+                metrics["grad_norm_g"] = float(g_norm)
+        if d_norm is not None:
+            metrics["grad_norm_d"] = float(d_norm)
+        metrics.update({"lr_g": self.g.get_lr()[0], "lr_d": self.d.get_lr()[0]})
+        every = self.cfg.diagnostics.every
+        if every > 0 and self.num_steps % every == 0:
+            metrics.update(self.diagnostics(fake.detach(), real_all))
         return metrics
+
+    @torch.no_grad()
+    def diagnostics(self, fake: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+        """Diversity, mode coverage and the collapse decision; collectives, so every rank calls it."""
+        diag, start = self.cfg.diagnostics, time.perf_counter()
+        values = diversity(fake, real, diag.near_duplicate)
+        values = all_reduce_mean(values, self.dist.device)  # every rank decides on the same numbers
+        if self.coverage_kind is not None:
+            keys = COVERAGE_KEYS[self.coverage_kind]
+            local = torch.zeros(len(keys), dtype=torch.float64, device=self.dist.device)
+            if self.dist.is_main:
+                if self._scorer is None:
+                    self._scorer = make_coverage_scorer(self.cfg, self.coverage_kind)
+                scores = self._scorer.score(self._coverage_samples())
+                local = torch.tensor([scores[k] for k in keys], dtype=torch.float64, device=self.dist.device)
+            if self.dist.world_size > 1:
+                dist.broadcast(local, src=0)
+            values.update({f"diag/{k}": v for k, v in zip(keys, local.tolist())})
+        values["alert/collapse"] = self.monitor.update(self.num_steps, values, self.cfg.run.name)
+        values["diag/seconds"] = time.perf_counter() - start  # what the diagnostics cost (rank mean)
+        return values
+
+    def _coverage_samples(self) -> np.ndarray:
+        """Samples from the sampler (EMA where there is one: what `gentrain sample` will give)."""
+        n = self.cfg.diagnostics.num_samples or (500 if m_is_image(self.cfg) else 2500)
+        gen = torch.Generator(device=self.dist.device).manual_seed(self.cfg.run.seed + 17)
+        net = self.sampler
+        outs = []
+        for start in range(0, n, 500):
+            z = torch.randn(min(500, n - start), self.cfg.model.z_dim, generator=gen, device=self.dist.device)
+            outs.append(net(z.to(module_dtype(net))).float())
+        x = torch.cat(outs)
+        return images_to_uint8_nchw(x) if m_is_image(self.cfg) else x.cpu().numpy()
 
     @property
     def sampler(self) -> torch.nn.Module:

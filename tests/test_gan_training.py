@@ -1,0 +1,42 @@
+"""The GAN trainer's options on real DeepSpeed engines: Wasserstein + WGAN-GP in bf16 under ZeRO-2
+with 2 discriminator steps and DiffAugment, 2 processes; config errors caught before training."""
+import json
+import math
+
+import pytest
+
+from tests.conftest import run_gentrain
+
+pytestmark = pytest.mark.slow
+
+
+def test_wgan_gp_bf16_zero2_d_steps_and_augment_two_processes(tmp_path, digit_shards):
+    run_dir = tmp_path / "wgan"
+    run_gentrain("launch", "--nproc-per-node", 2, "configs/gan_digits.yaml", f"run.dir={run_dir}",
+                 f"data.shards={digit_shards}", "data.batch_size=16", "trainer.max_steps=4", "trainer.log_every=1",
+                 "trainer.sample_every=4", "trainer.ckpt_every=4", "trainer.progress=false",
+                 "trainer.zero_stage=2", "trainer.precision=bf16", "loss.loss=wasserstein", "loss.r1_gamma=0",
+                 "loss.gp_gamma=10", "loss.r1_every=2", "loss.d_steps=2", "loss.augment=[translation,cutout,color]",
+                 "diagnostics.every=2", "diagnostics.num_samples=64")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["nonfinite_skipped"] == 0 for r in records)
+    assert "gp" in records[1] and "gp" not in records[0]  # lazy: every 2nd step
+    assert records[0]["lr_d"] == pytest.approx(2e-4 * 2 / 3)  # StyleGAN2 compensation, c = k/(k+1)
+    for rec in records:
+        for key, value in rec.items():
+            if isinstance(value, float):
+                assert math.isfinite(value), (key, rec)
+    assert {"d_rt", "grad_norm_d", "grad_norm_g", "diag/diversity", "diag/modes", "alert/collapse"} <= records[1].keys()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("loss.d_steps=3", "divisible by loss.d_steps"),
+    ("loss.augment=[flip]", "unknown augmentation 'flip'"),
+    ("loss.loss=lsgan", "bad value for 'loss.loss'"),
+])
+def test_bad_gan_options_exit_2_with_one_line(tmp_path, digit_shards, override, message):
+    proc = run_gentrain("train", "configs/gan_digits.yaml", f"run.dir={tmp_path / 'r'}", f"data.shards={digit_shards}",
+                        "data.batch_size=16", "trainer.max_steps=1", override, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert message in proc.stdout + proc.stderr
