@@ -17,7 +17,7 @@ def test_wgan_gp_bf16_zero2_d_steps_and_augment_two_processes(tmp_path, digit_sh
                  "trainer.sample_every=4", "trainer.ckpt_every=4", "trainer.progress=false",
                  "trainer.zero_stage=2", "trainer.precision=bf16", "loss.loss=wasserstein", "loss.r1_gamma=0",
                  "loss.gp_gamma=10", "loss.r1_every=2", "loss.d_steps=2", "loss.augment=[translation,cutout,color]",
-                 "diagnostics.every=2", "diagnostics.num_samples=64")
+                 "loss.lazy_compensation=true", "diagnostics.every=2", "diagnostics.num_samples=64")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["nonfinite_skipped"] == 0 for r in records)
