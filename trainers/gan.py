@@ -28,6 +28,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from configs import ConfigError
+from data_shards.stream import batch_to_float
 from models import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
 from trainers.augment import diff_augment, parse_ops
 from trainers.distributed import DistInfo, all_reduce_mean
@@ -113,7 +114,7 @@ class GANTask:
     def _real(self, batch: dict) -> torch.Tensor:
         if "points" in batch:
             return batch["points"].to(self.dist.device).float()
-        return batch["image"].to(self.dist.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        return batch_to_float(batch["image"].to(self.dist.device, non_blocking=True))
 
     def _aug(self, x: torch.Tensor) -> torch.Tensor:
         return diff_augment(x, self.augment_ops, self.noise) if self.augment_ops else x

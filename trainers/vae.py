@@ -2,6 +2,8 @@
 and latent interpolations."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from omegaconf import DictConfig
@@ -25,8 +27,6 @@ def build_vae(cfg: DictConfig) -> ConvVAE:
 
 def log_scale_of(vae: ConvVAE, cfg: DictConfig):
     """The Gaussian decoder's log standard deviation: learned, or the fixed one from the config."""
-    import math
-
     return vae.log_scale if vae.log_scale is not None else math.log(cfg.loss.gaussian_scale)
 
 
