@@ -13,7 +13,7 @@ from typing import Iterable, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from configs.schema import CHOICES, SCHEMAS
+from configs.schema import CHOICES, KIND_CHOICES, SCHEMAS
 
 PRESET_DIR = Path(__file__).resolve().parent
 
@@ -111,7 +111,7 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
 
 def validate(cfg: DictConfig) -> None:
     """Checks the schema's types cannot express: choices and ranges."""
-    for key, allowed in CHOICES.items():
+    for key, allowed in {**CHOICES, **KIND_CHOICES.get(cfg.kind, {})}.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
             raise ConfigError(f"bad value for '{key}': {value!r}; choose one of {', '.join(map(str, allowed))}")

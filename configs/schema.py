@@ -96,15 +96,53 @@ class WandbConfig:
 @dataclass
 class VAEModelConfig:
     latent_dim: int = 16
-    """Dimensions of the latent space."""
+    """Dimensions of the latent space (conv; autoencoder_kl's is latent_channels x h x w)."""
     base_channels: int = 32
-    """Channels of the first encoder block; doubled at each downsampling."""
+    """Channels of the first encoder block; doubled at each downsampling (conv)."""
+    block_out_channels: List[int] = field(default_factory=lambda: [32, 64, 64])
+    """autoencoder_kl: channels of each resolution level; every level but the last halves the
+    resolution (three levels: 32x32 images -> 8x8 latents)."""
+    layers_per_block: int = 1
+    """autoencoder_kl: ResNet layers per level (the decoder has one more, as in diffusers)."""
+    latent_channels: int = 4
+    """autoencoder_kl: channels of the spatial latent (4 in Stable Diffusion's VAE)."""
+    norm_num_groups: int = 32
+    """autoencoder_kl: GroupNorm groups; must divide every entry of block_out_channels."""
+    mid_block_attention: bool = True
+    """autoencoder_kl: self-attention in the middle block at the lowest resolution."""
+
+
+@dataclass
+class VAEAdversarialConfig:
+    enabled: bool = False
+    """Add lambda * L_adv to the VAE loss and train a discriminator (the GAN trainer's DCGAN one,
+    its own DeepSpeed engine and AdamW) on data vs reconstructions; no perceptual loss."""
+    start_step: int = 0
+    """First (0-based) step at which the discriminator trains and the term enters the VAE loss
+    (taming's disc_start): the logged adv/* scalars appear from step start_step + 1."""
+    weight: float = 0.5
+    """Factor on the adaptive weight (taming's disc_weight): lambda = clamp(||grad L_rec|| /
+    (||grad L_adv|| + 1e-4), 0, max_weight) * weight, gradients on the decoder's last layer."""
+    max_weight: float = 1.0e4
+    """Upper clamp of the adaptive ratio before the factor (taming: 1e4)."""
+    loss: str = "hinge"
+    """Discriminator loss: hinge (taming's default), nonsaturating or wasserstein; the VAE gets the
+    matching generator loss (trainers.gan_losses)."""
+    d_channels: int = 64
+    """Discriminator width."""
+    r1_gamma: float = 0.0
+    """R1 penalty weight on real data, gamma/2 * E||grad_x D(x)||^2, every step (0 turns it off)."""
+    optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=2e-4, betas=[0.5, 0.9]))
+    """The discriminator's optimizer."""
 
 
 @dataclass
 class VAELossConfig:
     likelihood: str = "bernoulli"
     """bernoulli (pixels in [0,1] as probabilities), gaussian (scale fixed or learned), l1 or l2 (errors, not likelihoods)."""
+    arch: str = "conv"
+    """conv (the small convolutional VAE) or autoencoder_kl (diffusers' AutoencoderKL, the
+    latent-diffusion autoencoder: spatial latents, exports with `--format diffusers`)."""
     gaussian_scale: float = 0.1
     """Standard deviation of the Gaussian likelihood when it is fixed."""
     learn_scale: bool = False
@@ -135,6 +173,8 @@ class GANModelConfig:
     """Dimensions of the generator's input noise."""
     g_channels: int = 64
     """Generator width (channels at the highest resolution x 2^k below it; MLP hidden size)."""
+    adversarial: VAEAdversarialConfig = field(default_factory=VAEAdversarialConfig)
+    """An optional adversarial term with its own discriminator, as in the latent-diffusion autoencoder."""
     d_channels: int = 64
     """Discriminator width."""
 
@@ -230,5 +270,10 @@ CHOICES = {
     "loss.likelihood": ("bernoulli", "gaussian", "l1", "l2"),
     "loss.beta_schedule": ("constant", "warmup", "cyclical"),
     "loss.loss": ("nonsaturating", "hinge", "wasserstein"),
-    "model.arch": ("dcgan", "mlp"),
+    "loss.adversarial.loss": ("nonsaturating", "hinge", "wasserstein"),
+}
+# Choices that depend on the kind of run.
+KIND_CHOICES = {
+    "vae": {"model.arch": ("conv", "autoencoder_kl")},
+    "gan": {"model.arch": ("dcgan", "mlp")},
 }

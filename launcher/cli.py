@@ -273,8 +273,11 @@ def _run_shards(run_dir: str):
 def cmd_export(args) -> int:
     from trainers.inference import export_weights
 
-    path = export_weights(args.run_dir, args.out, fmt=args.format)
-    print(f"exported {args.run_dir} to {path}")
+    path, facts = export_weights(args.run_dir, args.out, fmt=args.format, shards=args.shards,
+                                 max_samples=args.max_samples)
+    extra = (f" (scaling_factor {float(facts['scaling_factor']):.5g} over {facts['scaling_factor_samples']} samples)"
+             if "scaling_factor" in facts else "")
+    print(f"exported {args.run_dir} to {path}{extra}")
     return 0
 
 
@@ -369,7 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export the latest checkpoint's weights")
     export.add_argument("run_dir")
     export.add_argument("--out", required=True)
-    export.add_argument("--format", choices=["safetensors"], default="safetensors")
+    export.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors",
+                        help="diffusers: a folder for AutoencoderKL.from_pretrained (model.arch=autoencoder_kl)")
+    export.add_argument("--shards", default=None,
+                        help="VAE: shards the latents' scaling factor is measured on (default: the training shards)")
+    export.add_argument("--max-samples", type=int, default=None, help="VAE: measure the scaling factor on at most N")
     export.set_defaults(func=cmd_export)
 
     evaluate = sub.add_parser("evaluate", help="VAE: ELBO, importance-weighted NLL bound, AU, MI; GAN: class coverage")

@@ -15,9 +15,9 @@ import torch
 
 from data_shards.stream import ShardStream
 from trainers.inference import load_sampler, sample_to_npz
-from trainers.vae import log_scale_of
-from trainers.vae_objective import (LIKELIHOODS, active_units, kl_per_dim, log_normal, log_normal_standard,
-                                    mutual_information, reconstruction_nll)
+from trainers.vae import decoder_link, log_scale_of
+from trainers.vae_objective import (LIKELIHOODS, active_units, decoder_mean, kl_per_dim, log_normal,
+                                    log_normal_standard, mutual_information, reconstruction_nll)
 
 
 def _one_pass(shards, cfg, batch_size: int = 256):
@@ -36,7 +36,7 @@ def vae_scores(run_dir, shards, k: int = 64, seed: int = 0):
     if cfg.kind != "vae":
         raise ValueError(f"{run_dir} is a {cfg.kind} run; this needs a VAE")
     gen = torch.Generator().manual_seed(seed)
-    log_scale = log_scale_of(vae, cfg)
+    log_scale, link = log_scale_of(vae, cfg), decoder_link(cfg)
     rows = {"key": [], "label": [], "recon_nll": [], "kl": [], "neg_elbo": [], "iw_nll": [], "recon_mse": []}
     means, logvars = [], []
     for batch in _one_pass(shards, cfg):
@@ -44,15 +44,15 @@ def vae_scores(run_dir, shards, k: int = 64, seed: int = 0):
         mean, logvar = vae.encode(x)
         eps = torch.randn(mean.shape, generator=gen)
         z = mean + eps * torch.exp(0.5 * logvar)
-        nll = reconstruction_nll(vae.decode(z), x, cfg.loss.likelihood, log_scale)
+        nll = reconstruction_nll(vae.decode(z), x, cfg.loss.likelihood, log_scale, link)
         kl = kl_per_dim(mean, logvar).sum(1)
         log_w = []
         for _ in range(k):
             z_k = mean + torch.randn(mean.shape, generator=gen) * torch.exp(0.5 * logvar)
-            log_px_z = -reconstruction_nll(vae.decode(z_k), x, cfg.loss.likelihood, log_scale)
+            log_px_z = -reconstruction_nll(vae.decode(z_k), x, cfg.loss.likelihood, log_scale, link)
             log_w.append(log_px_z + log_normal_standard(z_k) - log_normal(z_k, mean, logvar))
         iw = -(torch.logsumexp(torch.stack(log_w), 0) - math.log(k))
-        mse = (torch.sigmoid(vae.decode(mean)) - x).square().flatten(1).mean(1)
+        mse = (decoder_mean(vae.decode(mean), link) - x).square().flatten(1).mean(1)
         for name, values in (("recon_nll", nll), ("kl", kl), ("neg_elbo", nll + kl), ("iw_nll", iw), ("recon_mse", mse)):
             rows[name].append(values.numpy())
         rows["key"] += list(batch["__key__"])

@@ -5,6 +5,8 @@ complete checkpoint, so no pickled file is ever loaded.
 """
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,8 @@ from safetensors.torch import load_file, save_file
 
 from configs import ConfigError, load_config
 from trainers.checkpoint import latest_complete
+from trainers.vae import build_vae, decoder_link
+from trainers.vae_objective import to_pixels
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
@@ -42,8 +46,6 @@ def load_sampler(run_dir: str | Path) -> tuple[torch.nn.Module, object]:
     """The network that generates samples: the EMA generator, the generator, or the VAE."""
     cfg, weights = load_run(run_dir)
     if cfg.kind == "vae":
-        from trainers.vae import build_vae
-
         net = build_vae(cfg)
         net.load_state_dict(_submodule(weights, "vae."))
     else:
@@ -66,8 +68,8 @@ def sample_to_npz(run_dir: str | Path, n: int, out: str | Path, seed: int = 0, b
     for start in range(0, n, batch):
         m = min(batch, n - start)
         if cfg.kind == "vae":
-            z = torch.randn(m, cfg.model.latent_dim, generator=gen)
-            chunks.append(torch.sigmoid(net.decode(z)) * 2 - 1)
+            z = torch.randn(m, net.latent_dim, generator=gen)
+            chunks.append(to_pixels(net.decode(z), decoder_link(cfg)) * 2 - 1)
         else:
             chunks.append(net(torch.randn(m, cfg.model.z_dim, generator=gen)))
     x = torch.cat(chunks)
@@ -81,12 +83,72 @@ def sample_to_npz(run_dir: str | Path, n: int, out: str | Path, seed: int = 0, b
     return out
 
 
-def export_weights(run_dir: str | Path, out: str | Path, fmt: str = "safetensors") -> Path:
-    """Copy the latest checkpoint's fp32 weights to one safetensors file, with the config as metadata."""
-    if fmt != "safetensors":
-        raise ConfigError(f"export format '{fmt}' is not supported; use safetensors")
+@torch.no_grad()
+def latent_scaling_factor(vae: torch.nn.Module, cfg, shards, max_samples: int | None = None, seed: int = 0,
+                          batch: int = 256) -> tuple[float, int]:
+    """(1 / std of the latents, samples used): latents drawn from the posterior of each image of
+    the shards (one pass, in order), one std over every element, as the latent-diffusion
+    autoencoder's `scale_by_std` and diffusers' `scaling_factor` do. A diffusion model trained
+    on latents * scaling_factor then sees unit variance."""
+    from data_shards.stream import ShardStream
+
+    gen = torch.Generator().manual_seed(seed)
+    total, total_sq, count, samples = 0.0, 0.0, 0, 0
+    stream = ShardStream(shards, batch, channels=cfg.data.channels, image_size=cfg.data.image_size, passes=1,
+                         shuffle_buffer=1)
+    for chunk in stream:
+        x = chunk["image"].float() / 255.0
+        if max_samples is not None:
+            x = x[:max_samples - samples]
+        mean, logvar = vae.encode(x)
+        z = (mean + torch.randn(mean.shape, generator=gen) * torch.exp(0.5 * logvar)).double()
+        total, total_sq, count = total + float(z.sum()), total_sq + float(z.square().sum()), count + z.numel()
+        samples += x.shape[0]
+        if max_samples is not None and samples >= max_samples:
+            break
+    if count < 2:
+        raise ValueError(f"no samples in {shards} to measure the latents' scale")
+    var = (total_sq - total * total / count) / (count - 1)
+    return 1.0 / math.sqrt(var), samples
+
+
+EXPORT_FORMATS = ("safetensors", "diffusers")
+
+
+def export_weights(run_dir: str | Path, out: str | Path, fmt: str = "safetensors", shards=None,
+                   max_samples: int | None = None) -> tuple[Path, dict]:
+    """Export the latest checkpoint's fp32 weights; returns (path, facts recorded).
+
+    safetensors: one file with every weight, the config and (for a VAE) `scaling_factor` as metadata.
+    diffusers:   a folder that `diffusers.AutoencoderKL.from_pretrained` loads (config.json +
+                 diffusion_pytorch_model.safetensors), for model.arch=autoencoder_kl runs.
+    A VAE's scaling factor is measured on `shards` (default: the run's training shards).
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"export format '{fmt}' is not supported; use {' or '.join(EXPORT_FORMATS)}")
     cfg, weights = load_run(run_dir)
+    if fmt == "diffusers" and (cfg.kind != "vae" or cfg.model.arch != "autoencoder_kl"):
+        raise ConfigError("--format diffusers needs a VAE trained with model.arch=autoencoder_kl; "
+                          "use --format safetensors")
+    step = json.loads((latest_checkpoint(run_dir) / "COMPLETE").read_text()).get("step")
+    facts: dict = {"format": "gentrain", "step": str(step)}
+    if cfg.kind == "vae":
+        vae, _ = load_sampler(run_dir)
+        factor, used = latent_scaling_factor(vae, cfg, shards if shards is not None else cfg.data.shards, max_samples)
+        facts.update({"scaling_factor": repr(factor), "scaling_factor_samples": str(used)})
     out = Path(out)
+    if fmt == "diffusers":
+        return _export_diffusers(vae.ae, out, float(facts["scaling_factor"]), cfg, facts), facts
     out.parent.mkdir(parents=True, exist_ok=True)
-    save_file(weights, str(out), metadata={"config": OmegaConf.to_yaml(cfg), "format": "gentrain"})
+    save_file(weights, str(out), metadata={"config": OmegaConf.to_yaml(cfg), **facts})
+    return out, facts
+
+
+def _export_diffusers(ae: torch.nn.Module, out: Path, scaling_factor: float, cfg, facts: dict) -> Path:
+    """save_pretrained with the measured scaling factor in config.json; gentrain.json says where it came from."""
+    ae.register_to_config(scaling_factor=scaling_factor)
+    ae.save_pretrained(str(out), safe_serialization=True)
+    (out / "gentrain.json").write_text(json.dumps({**facts, "run_name": cfg.run.name, "link": "pm1",
+                                                   "note": "encoder input and decoder output are images in [-1, 1]"},
+                                                  indent=1))
     return out

@@ -1,5 +1,8 @@
 """The VAE step: reconstruction NLL + beta(step) * KL, with free bits, posterior diagnostics
-and latent interpolations."""
+and latent interpolations; optionally an adversarial term (trainers.vae_adversarial).
+
+Two architectures: the small convolutional VAE (models.vae, Bernoulli logits out) and diffusers'
+AutoencoderKL (models.autoencoder_kl, an image in [-1, 1] out); `decoder_link` says which."""
 from __future__ import annotations
 
 import math
@@ -7,27 +10,78 @@ import math
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch import nn
 
+from configs import ConfigError
 from models import ConvVAE
+from models.autoencoder_kl import AutoencoderKLVAE, autoencoder_kl_config
 from trainers.distributed import DistInfo
 from trainers.engines import make_engine, module_dtype
 from trainers.guard import all_finite
 from trainers.images import make_grid, to_uint8
+from trainers.vae_adversarial import VAEAdversary, to_pm1
 from trainers.vae_objective import (LIKELIHOODS, active_units, beta_at, kl_per_dim, kl_term, mutual_information,
-                                    reconstruction_nll)
+                                    reconstruction_nll, to_pixels)
 
 INTERP_STEPS = 10
+MAX_KL_DIMS_LOGGED = 64  # above this, KL is logged per latent channel (autoencoder_kl), not per dimension
 
 
-def build_vae(cfg: DictConfig) -> ConvVAE:
+def check_vae_config(cfg: DictConfig) -> None:
+    """Checks the schema cannot express (one-line ConfigError each)."""
+    m, adv = cfg.model, cfg.loss.adversarial
+    if m.arch == "autoencoder_kl":
+        if cfg.loss.likelihood == "bernoulli":
+            raise ConfigError("model.arch=autoencoder_kl decodes an image in [-1, 1], not logits: use "
+                              "loss.likelihood=gaussian, l1 or l2")
+        if cfg.loss.learn_scale:
+            raise ConfigError("loss.learn_scale is not supported with model.arch=autoencoder_kl (its weights "
+                              "must load into diffusers' AutoencoderKL as they are)")
+        if not m.block_out_channels or m.latent_channels < 1 or m.layers_per_block < 1:
+            raise ConfigError("model.block_out_channels must be non-empty and model.latent_channels, "
+                              "model.layers_per_block >= 1")
+        if any(c % m.norm_num_groups for c in m.block_out_channels):
+            raise ConfigError(f"model.norm_num_groups={m.norm_num_groups} must divide every entry of "
+                              f"model.block_out_channels={list(m.block_out_channels)}")
+        factor = 2 ** (len(m.block_out_channels) - 1)
+        if cfg.data.image_size % factor:
+            raise ConfigError(f"data.image_size={cfg.data.image_size} must be divisible by {factor} "
+                              f"({len(m.block_out_channels)} levels in model.block_out_channels)")
+    if adv.enabled:
+        if adv.start_step < 0 or adv.weight < 0 or adv.r1_gamma < 0 or adv.max_weight <= 0 or adv.d_channels < 1:
+            raise ConfigError("loss.adversarial: start_step, weight and r1_gamma must be >= 0, max_weight and "
+                              "d_channels > 0")
+
+
+def build_vae(cfg: DictConfig) -> nn.Module:
+    """The configured VAE: encode(x in [0, 1]) -> (mean, logvar), decode(z) -> decoder output."""
+    check_vae_config(cfg)
+    if cfg.model.arch == "autoencoder_kl":
+        m = cfg.model
+        return AutoencoderKLVAE(autoencoder_kl_config(cfg.data.image_size, cfg.data.channels, m.block_out_channels,
+                                                      m.layers_per_block, m.latent_channels, m.norm_num_groups,
+                                                      m.mid_block_attention))
     return ConvVAE(cfg.data.image_size, cfg.data.channels, cfg.model.latent_dim, cfg.model.base_channels,
                    learn_scale=cfg.loss.likelihood == "gaussian" and cfg.loss.learn_scale,
                    init_scale=cfg.loss.gaussian_scale)
 
 
-def log_scale_of(vae: ConvVAE, cfg: DictConfig):
+def decoder_link(cfg: DictConfig) -> str:
+    """How the configured VAE's decoder output maps to pixels (trainers.vae_objective.LINKS)."""
+    return "pm1" if cfg.model.arch == "autoencoder_kl" else "sigmoid"
+
+
+def last_decoder_layer(vae: nn.Module) -> nn.Module:
+    """The layer whose output is the decoder output: where the adversarial weight is measured."""
+    if isinstance(vae, AutoencoderKLVAE):
+        return vae.last_decoder_layer
+    return vae.decoder[-1]  # ConvVAE: the final transposed convolution gives the logits
+
+
+def log_scale_of(vae: nn.Module, cfg: DictConfig):
     """The Gaussian decoder's log standard deviation: learned, or the fixed one from the config."""
-    return vae.log_scale if vae.log_scale is not None else math.log(cfg.loss.gaussian_scale)
+    learned = getattr(vae, "log_scale", None)
+    return learned if learned is not None else math.log(cfg.loss.gaussian_scale)
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -45,20 +99,38 @@ def interpolation_smoothness(frames_tbchw: torch.Tensor) -> float:
     return float((steps.std(0) / steps.mean(0).clamp(min=1e-8)).mean())
 
 
+def kl_breakdown(kl_z: torch.Tensor, vae: nn.Module) -> dict[str, float]:
+    """Minibatch KL per latent dimension (`kl_dim/NN`); for a large spatial latent (autoencoder_kl),
+    per latent channel summed over positions (`kl_channel/N`) instead of hundreds of series."""
+    shape = getattr(vae, "latent_shape", None)
+    if kl_z.numel() > MAX_KL_DIMS_LOGGED and shape is not None:
+        return {f"kl_channel/{c}": v for c, v in enumerate(kl_z.view(shape).flatten(1).sum(1).tolist())}
+    return {f"kl_dim/{d:02d}": v for d, v in enumerate(kl_z.tolist())}
+
+
 class VAETask:
-    """Owns the VAE engine; the shared loop calls train_step() and samples()."""
+    """Owns the VAE engine (and the discriminator's, with the adversarial term); the shared loop
+    calls train_step() and samples()."""
 
     def __init__(self, cfg: DictConfig, dist_info: DistInfo, precision: str):
         self.cfg, self.dist = cfg, dist_info
         self.engine = make_engine(build_vae(cfg), cfg.optim, cfg, dist_info, precision)
         self.engines = {"vae": self.engine}
+        self.adversary = VAEAdversary(cfg, dist_info, precision) if cfg.loss.adversarial.enabled else None
+        if self.adversary is not None:
+            self.engines["disc"] = self.adversary.engine  # checkpointed beside the VAE, resumed exactly
+        self.link = decoder_link(cfg)
         self.dtype = module_dtype(self.engine.module)
         self.noise = torch.Generator(device=dist_info.device).manual_seed(cfg.run.seed * 1000 + dist_info.rank)
         fixed = torch.Generator().manual_seed(cfg.run.seed)  # same latents on every rank and resume
-        self.fixed_z = torch.randn(64, cfg.model.latent_dim, generator=fixed).to(dist_info.device)
+        self.fixed_z = torch.randn(64, self.engine.module.latent_dim, generator=fixed).to(dist_info.device)
         self.num_dims = cfg.data.channels * cfg.data.image_size**2
         self.num_steps = 0
         self._last_batch: torch.Tensor | None = None
+
+    def _recon_nll(self, y_bchw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return reconstruction_nll(y_bchw, x, self.cfg.loss.likelihood, log_scale_of(self.engine.module, self.cfg),
+                                  self.link)
 
     def train_step(self, batch: dict) -> dict[str, float]:
         loss_cfg = self.cfg.loss
@@ -66,25 +138,36 @@ class VAETask:
         self._last_batch = x[:16]
         beta = beta_at(self.num_steps, loss_cfg.beta, loss_cfg.beta_schedule, loss_cfg.beta_warmup_steps,
                        loss_cfg.beta_cycle_steps, loss_cfg.beta_cycle_ramp)
+        adversarial = self.adversary is not None and self.adversary.active(self.num_steps)
         self.num_steps += 1
         vae = self.engine.module
         out = self.engine(x.to(self.dtype), generator=self.noise)
-        nll_b = reconstruction_nll(out.logits_bchw, x, loss_cfg.likelihood, log_scale_of(vae, self.cfg))
+        nll_b = self._recon_nll(out.logits_bchw, x)
         kl_bz = kl_per_dim(out.mean_bz, out.logvar_bz)
         loss = nll_b.mean() + beta * kl_term(kl_bz, loss_cfg.free_bits)
+        scalars: dict[str, float] = {}
+        if adversarial:
+            with self.adversary.frozen():
+                g_loss, weight = self.adversary.generator_term(vae, last_decoder_layer(vae), out.logits_bchw,
+                                                               out.z_bz, lambda y: self._recon_nll(y, x).mean(), self.link)
+            loss = loss + weight * g_loss
+            scalars.update({"adv/g_loss": g_loss.item(), "adv/weight": weight.item()})
         if batch.get("poison"):  # fault injection (trainers.faults): a real NaN through the real guard
             loss = loss * float("nan")
         if not all_finite(self.dist.device, loss):
             return {"nonfinite_skipped": 1.0}  # no backward, no step: the weights stay as they were
         self.engine.backward(loss)
         self.engine.step()
+        if adversarial:
+            d_scalars = self.adversary.discriminator_step(x * 2 - 1, to_pm1(out.logits_bchw.detach(), self.link))
+            scalars.update(d_scalars if d_scalars is not None else {"nonfinite_skipped": 1.0})
 
         kl_b = kl_bz.sum(1)
-        scalars = {"loss": loss.item(), "recon_nll": nll_b.mean().item(), "kl": kl_b.mean().item(),
-                   "beta": beta, "lr": self.engine.get_lr()[0]}
+        scalars.update({"loss": loss.item(), "recon_nll": nll_b.mean().item(), "kl": kl_b.mean().item(),
+                        "beta": beta, "lr": self.engine.get_lr()[0]})
         if loss_cfg.likelihood in LIKELIHOODS:
             scalars["neg_elbo_nats_per_dim"] = (nll_b + kl_b).mean().item() / self.num_dims
-        if vae.log_scale is not None:
+        if getattr(vae, "log_scale", None) is not None:
             scalars["decoder_scale"] = float(vae.log_scale.detach().float().exp())
         if self.num_steps % loss_cfg.diagnostics_every == 0:
             scalars.update(self.diagnostics(out.mean_bz, out.logvar_bz, kl_bz))
@@ -95,7 +178,7 @@ class VAETask:
         """Posterior health on this batch: KL per dimension, active units, mutual information,
         interpolation smoothness; and the collapse alert."""
         units = active_units(mean_bz)
-        out = {f"kl_dim/{d:02d}": v for d, v in enumerate(kl_bz.mean(0).tolist())}
+        out = kl_breakdown(kl_bz.mean(0), self.engine.module)
         out.update({"active_units": units, "mutual_info": mutual_information(mean_bz, logvar_bz, self.noise)})
         _, frames = self.interpolations()
         out.update({f"interp/smoothness_cv_{kind}": interpolation_smoothness(f) for kind, f in frames.items()})
@@ -114,7 +197,7 @@ class VAETask:
         frames, grids = {}, {}
         for kind, z_tbz in paths.items():
             t_, b_, z = z_tbz.shape
-            images = torch.sigmoid(vae.decode(z_tbz.reshape(t_ * b_, z).to(self.dtype)).float())
+            images = to_pixels(vae.decode(z_tbz.reshape(t_ * b_, z).to(self.dtype)), self.link)
             frames[kind] = images.view(t_, b_, *images.shape[1:])
             rows = frames[kind].transpose(0, 1).flatten(0, 1)  # one path per row
             grids[f"interpolation_{kind}"] = make_grid(to_uint8(rows, (0, 1)), nrow=INTERP_STEPS)
@@ -124,12 +207,12 @@ class VAETask:
     def samples(self) -> dict[str, np.ndarray]:
         """Prior samples from fixed latents, reconstructions (input | output), interpolations."""
         vae = self.engine.module
-        prior = torch.sigmoid(vae.decode(self.fixed_z.to(self.dtype)).float())
+        prior = to_pixels(vae.decode(self.fixed_z.to(self.dtype)), self.link)
         grids = {"samples": make_grid(to_uint8(prior, (0, 1)), nrow=8)}
         if self._last_batch is not None:
             x = self._last_batch
             # The posterior mean, not a sample: grids must not draw from the training noise stream.
-            recon = torch.sigmoid(vae.decode(vae.encode(x.to(self.dtype))[0]).float())
+            recon = to_pixels(vae.decode(vae.encode(x.to(self.dtype))[0]), self.link)
             pairs = torch.stack([x, recon], 1).flatten(0, 1)
             grids["reconstructions"] = make_grid(to_uint8(pairs, (0, 1)), nrow=8)
             grids.update(self.interpolations()[0])
@@ -143,4 +226,7 @@ class VAETask:
         self.num_steps = int(state.get("num_steps", 0))
 
     def weights(self) -> dict[str, torch.Tensor]:
-        return {f"vae.{k}": v for k, v in self.engine.module.state_dict().items()}
+        out = {f"vae.{k}": v for k, v in self.engine.module.state_dict().items()}
+        if self.adversary is not None:
+            out.update({f"disc.{k}": v for k, v in self.adversary.engine.module.state_dict().items()})
+        return out

@@ -11,24 +11,44 @@ LOG_2PI = math.log(2 * math.pi)
 LIKELIHOODS = ("bernoulli", "gaussian")  # the ones whose NLL is in nats; l1/l2 are plain errors
 
 
+LINKS = ("sigmoid", "pm1")
+"""How a decoder's output y maps to pixels in [0, 1]: sigmoid (y are logits; the conv VAE) or
+pm1 (y is an image in [-1, 1], x = (y + 1) / 2; diffusers' AutoencoderKL convention)."""
+
+
+def decoder_mean(y_bchw: torch.Tensor, link: str = "sigmoid") -> torch.Tensor:
+    """The decoder's mean image in pixel units (fp32; pm1 is not clamped, so it stays a density's mean)."""
+    y = y_bchw.float()
+    return torch.sigmoid(y) if link == "sigmoid" else (y + 1.0) * 0.5
+
+
+def to_pixels(y_bchw: torch.Tensor, link: str = "sigmoid") -> torch.Tensor:
+    """Decoder output as a displayable image in [0, 1]."""
+    return decoder_mean(y_bchw, link).clamp(0.0, 1.0)
+
+
 def reconstruction_nll(logits_bchw: torch.Tensor, x_bchw: torch.Tensor, likelihood: str,
-                       log_scale: torch.Tensor | float = 0.0) -> torch.Tensor:
+                       log_scale: torch.Tensor | float = 0.0, link: str = "sigmoid") -> torch.Tensor:
     """Per-sample reconstruction loss of x in [0, 1], summed over pixels, in fp32.
 
-    bernoulli: -log p(x | logits), pixel intensities read as probabilities.
-    gaussian:  -log N(x; sigmoid(logits), exp(log_scale)^2), a proper density in nats.
-    l1 / l2:   absolute / squared error of sigmoid(logits); not likelihoods.
+    With m = decoder_mean(decoder output, link):
+    bernoulli: -log p(x | logits), pixel intensities read as probabilities (sigmoid link only).
+    gaussian:  -log N(x; m, exp(log_scale)^2), a proper density in nats.
+    l1 / l2:   absolute / squared error of m; not likelihoods.
     """
-    logits = logits_bchw.float()
     if likelihood == "bernoulli":
-        per_pixel = F.binary_cross_entropy_with_logits(logits, x_bchw, reduction="none")
-    elif likelihood == "gaussian":
-        log_scale = torch.as_tensor(log_scale, dtype=torch.float32, device=logits.device)
-        per_pixel = 0.5 * ((torch.sigmoid(logits) - x_bchw) * torch.exp(-log_scale)).square() + log_scale + 0.5 * LOG_2PI
+        if link != "sigmoid":
+            raise ValueError("the bernoulli likelihood needs logits (sigmoid link)")
+        per_pixel = F.binary_cross_entropy_with_logits(logits_bchw.float(), x_bchw, reduction="none")
+        return per_pixel.flatten(1).sum(1)
+    mean = decoder_mean(logits_bchw, link)
+    if likelihood == "gaussian":
+        log_scale = torch.as_tensor(log_scale, dtype=torch.float32, device=mean.device)
+        per_pixel = 0.5 * ((mean - x_bchw) * torch.exp(-log_scale)).square() + log_scale + 0.5 * LOG_2PI
     elif likelihood == "l1":
-        per_pixel = (torch.sigmoid(logits) - x_bchw).abs()
+        per_pixel = (mean - x_bchw).abs()
     else:
-        per_pixel = (torch.sigmoid(logits) - x_bchw).square()
+        per_pixel = (mean - x_bchw).square()
     return per_pixel.flatten(1).sum(1)
 
 
