@@ -95,6 +95,9 @@ class WandbConfig:
 
 @dataclass
 class VAEModelConfig:
+    arch: str = "conv"
+    """conv (the small convolutional VAE) or autoencoder_kl (diffusers' AutoencoderKL, the
+    latent-diffusion autoencoder: spatial latents, exports with `--format diffusers`)."""
     latent_dim: int = 16
     """Dimensions of the latent space (conv; autoencoder_kl's is latent_channels x h x w)."""
     base_channels: int = 32
@@ -140,9 +143,6 @@ class VAEAdversarialConfig:
 class VAELossConfig:
     likelihood: str = "bernoulli"
     """bernoulli (pixels in [0,1] as probabilities), gaussian (scale fixed or learned), l1 or l2 (errors, not likelihoods)."""
-    arch: str = "conv"
-    """conv (the small convolutional VAE) or autoencoder_kl (diffusers' AutoencoderKL, the
-    latent-diffusion autoencoder: spatial latents, exports with `--format diffusers`)."""
     gaussian_scale: float = 0.1
     """Standard deviation of the Gaussian likelihood when it is fixed."""
     learn_scale: bool = False
@@ -163,6 +163,8 @@ class VAELossConfig:
     """Steps between posterior diagnostics (KL per dimension, active units, mutual information)."""
     collapse_active_units: int = 0
     """Alert when the active units drop to this number or fewer (posterior collapse)."""
+    adversarial: VAEAdversarialConfig = field(default_factory=VAEAdversarialConfig)
+    """An optional adversarial term with its own discriminator, as in the latent-diffusion autoencoder."""
 
 
 @dataclass
@@ -173,8 +175,6 @@ class GANModelConfig:
     """Dimensions of the generator's input noise."""
     g_channels: int = 64
     """Generator width (channels at the highest resolution x 2^k below it; MLP hidden size)."""
-    adversarial: VAEAdversarialConfig = field(default_factory=VAEAdversarialConfig)
-    """An optional adversarial term with its own discriminator, as in the latent-diffusion autoencoder."""
     d_channels: int = 64
     """Discriminator width."""
 
