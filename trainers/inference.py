@@ -29,12 +29,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
     return found
 
 
-def load_run(run_dir: str | Path):
-    """(config, fp32 weights) of a run's latest checkpoint."""
+def load_run_config(run_dir: str | Path):
+    """The resolved config a run was trained with."""
     cfg_file = Path(run_dir) / "config.yaml"
     if not cfg_file.exists():
         raise FileNotFoundError(f"{run_dir} is not a run directory (no config.yaml)")
-    cfg = load_config(cfg_file)
+    return load_config(cfg_file)
+
+
+def load_run(run_dir: str | Path):
+    """(config, fp32 weights) of a run's latest checkpoint."""
+    cfg = load_run_config(run_dir)
     return cfg, load_file(str(latest_checkpoint(run_dir) / "weights.safetensors"))
 
 
@@ -126,10 +131,11 @@ def export_weights(run_dir: str | Path, out: str | Path, fmt: str = "safetensors
     """
     if fmt not in EXPORT_FORMATS:
         raise ConfigError(f"export format '{fmt}' is not supported; use {' or '.join(EXPORT_FORMATS)}")
-    cfg, weights = load_run(run_dir)
+    cfg = load_run_config(run_dir)
     if fmt == "diffusers" and (cfg.kind != "vae" or cfg.model.arch != "autoencoder_kl"):
         raise ConfigError("--format diffusers needs a VAE trained with model.arch=autoencoder_kl; "
                           "use --format safetensors")
+    _, weights = load_run(run_dir)
     step = json.loads((latest_checkpoint(run_dir) / "COMPLETE").read_text()).get("step")
     facts: dict = {"format": "gentrain", "step": str(step)}
     if cfg.kind == "vae":
