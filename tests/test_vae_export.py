@@ -61,3 +61,19 @@ def test_diffusers_export_of_a_conv_vae_is_a_one_line_error(tmp_path):
     proc = run_gentrain("export", run_dir, "--format", "diffusers", "--out", tmp_path / "o", check=False)
     assert proc.returncode == 2 and "model.arch=autoencoder_kl" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_architecture_mistakes_are_one_line_config_errors():
+    from configs import ConfigError, load_config
+    from trainers.vae import check_vae_config
+
+    with pytest.raises(ConfigError, match="model.arch.*conv, autoencoder_kl"):
+        load_config("vae_digits", ["model.arch=dcgan"])
+    with pytest.raises(ConfigError, match="model.arch.*dcgan, mlp"):
+        load_config("gan_digits", ["model.arch=autoencoder_kl"])
+    mistakes = {"loss.likelihood=bernoulli": "not logits", "model.norm_num_groups=24": "must divide",
+                "model.block_out_channels=[32,32,32,32,32,32,32]": "divisible by 64",
+                "loss.adversarial.start_step=-1": "start_step"}
+    for override, message in mistakes.items():
+        with pytest.raises(ConfigError, match=message):
+            check_vae_config(load_config("vae_kl_digits", [override]))
