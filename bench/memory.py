@@ -1,40 +1,55 @@
 """Peak RSS over a long run: is memory flat after warm-up?
 
-Each measurement runs in a fresh subprocess (``python -m bench.memory reader|trainer ...``) so
-that its peak RSS is its own. RSS is sampled at regular intervals; ``slope_mib_per_1k`` is the
-least-squares slope over the samples after the first 30% (warm-up: shuffle buffer filling,
-allocator and oneDNN caches); ``flat`` means the fitted growth over the measured window is
-under 2% of the RSS (or 2 MiB, whichever is larger).
+``python -m bench.memory reader SHARDS SIZE BATCHES`` and
+``python -m bench.memory trainer WORK STEPS [--batch-size B] [--base-channels C] [key=value ...]``.
+
+* reader: a ``ShardStream`` (shuffle buffer 512, batch 64) in a fresh subprocess, RSS sampled
+  every 1% of the batches.
+* trainer: the real trainer, ``gentrain train configs/vae_digits.yaml`` (DeepSpeed engine,
+  logging, diagnostics, sample grids, checkpoints at the preset's cadence, the real shard
+  reader), as its own process on the digits shards; this process samples the trainer's RSS
+  from /proc every 0.5 s and reads its step from metrics.jsonl. A small model and batch
+  (``--base-channels``, ``--batch-size``) keep 10,000 steps within reach of a CPU.
+
+``slope_mib_per_1k`` is the least-squares slope over the samples after the first 30% (warm-up:
+shuffle buffer filling, allocator and oneDNN caches); ``flat`` means the fitted growth over the
+measured window is under 2% of the RSS (or 2 MiB, whichever is larger).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
 from bench.common import peak_rss_mib, rss_mib
 
+ROOT = Path(__file__).resolve().parent.parent
 
-def summarise(points: list[tuple[int, float]], unit: str) -> dict:
+
+def summarise(points: list[tuple[int, float]], unit: str, peak: float | None = None) -> dict:
     xs = np.array([p[0] for p in points], dtype=float)
     ys = np.array([p[1] for p in points], dtype=float)
     start = int(len(xs) * 0.3)
-    slope = float(np.polyfit(xs[start:], ys[start:], 1)[0]) if len(xs) - start >= 2 else 0.0
+    slope = float(np.polyfit(xs[start:], ys[start:], 1)[0]) if len(set(xs[start:])) >= 2 else 0.0
     growth = slope * (xs[-1] - xs[start]) if len(xs) else 0.0
+    every = max(1, len(xs) // 20)
     return {
         f"{unit}s": int(xs[-1]) if len(xs) else 0,
         "rss_start_mib": float(ys[0]) if len(ys) else float("nan"),
         "rss_after_warmup_mib": float(ys[start]) if len(ys) else float("nan"),
         "rss_end_mib": float(ys[-1]) if len(ys) else float("nan"),
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peak_rss_mib() if peak is None else peak,
         "slope_mib_per_1k": slope * 1000,
         "growth_after_warmup_mib": growth,
-        "flat": bool(abs(growth) <= max(2.0, 0.02 * float(ys[-1]))),
-        "samples": [[int(x), round(float(y), 1)] for x, y in zip(xs[:: max(1, len(xs) // 20)], ys[:: max(1, len(ys) // 20)])],
+        "flat": bool(len(ys) and abs(growth) <= max(2.0, 0.02 * float(ys[-1]))),
+        "samples": [[int(x), round(float(y), 1)] for x, y in zip(xs[::every], ys[::every])],
     }
 
 
@@ -48,67 +63,118 @@ def reader_child(shards: str, size: int, batches: int) -> dict:
         next(stream)
         if i % every == 0:
             points.append((i, rss_mib()))
-    return summarise(points, "batch")
-
-
-def trainer_child(root: str, steps: int, batch_size: int) -> dict:
-    """The GAN preset (two engines, EMA, lazy R1), fed real digits shards by the real reader,
-    logging, samples and checkpoints at their default cadence."""
-    import torch
-
-    from bench.trainer import _LoopBody, setup
-    from data_shards.build import build_shards
-    from data_shards.stream import make_loader
-
-    torch.set_num_threads(1)
-    shards = Path(root) / "digits"
-    if not (shards / "manifest.json").is_file():
-        build_shards("digits", shards, progress=False)
-    cfg, dist_info, task, logger = setup("gan", Path(root) / "memory-gan", overrides=[f"data.batch_size={batch_size}"])
-    loader = iter(make_loader(str(shards), batch_size, num_workers=0, image_size=cfg.data.image_size,
-                              channels=cfg.data.channels, shuffle_buffer=cfg.data.shuffle_buffer))
-    loop = _LoopBody(cfg, task, logger, dist_info)
-    points, out_errors = [], []
-    every = max(1, steps // 100)
-    for i in range(1, steps + 1):
-        loop(next(loader))
-        if i % cfg.trainer.sample_every == 0:
-            try:
-                for name, grid in task.samples().items():
-                    logger.log_image(i, name, grid)
-            except Exception as exn:  # noqa: BLE001 - reported, the memory figure still counts
-                out_errors.append(f"samples at step {i}: {type(exn).__name__}: {exn}")
-        if i % every == 0:
-            points.append((i, rss_mib()))
-    logger.close()
-    out = summarise(points, "step")
-    out["batch_size"] = batch_size
-    if out_errors:
-        out["errors"] = out_errors[:3]
+    out = summarise(points, "batch")
+    out["shuffle_buffer"], out["batch_size"] = 512, 64
     return out
 
 
-def run(quick: bool, root: Path, reader_shards: Path, reader_size: int) -> dict:
-    batches, steps = (20, 10) if quick else (4000, 1500)
+def _proc_status_mib(pid: int) -> tuple[float, float] | None:
+    """(VmRSS, VmHWM) of a live process, MiB."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if line.startswith(("VmRSS", "VmHWM")))
+        return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def _last_step(metrics: Path) -> int | None:
+    try:
+        with open(metrics, "rb") as f:
+            f.seek(max(0, f.seek(0, 2) - 65536))
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            continue
+    return None
+
+
+def trainer_run(work: Path, steps: int, batch_size: int = 8, base_channels: int = 8,
+                overrides: list[str] | None = None, config: str = "configs/vae_digits.yaml") -> dict:
+    """RSS of a real ``gentrain train`` process over ``steps`` steps (see the module doc)."""
+    from data_shards.build import build_shards
+
+    shards = Path(work) / "digits"
+    if not (shards / "manifest.json").is_file():
+        build_shards("digits", shards, progress=False)
+    run_dir = Path(work) / f"memory-trainer-{steps}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    args = [f"run.dir={run_dir}", f"data.shards={shards}", f"trainer.max_steps={steps}",
+            f"data.batch_size={batch_size}", f"model.base_channels={base_channels}", "trainer.progress=false",
+            *(overrides or [])]
+    # A fresh process group: the parent's torch.distributed variables (its port) must not leak in.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env.setdefault("WANDB_MODE", "offline")
+    log = run_dir.parent / f"memory-trainer-{steps}.log"
+    started = time.perf_counter()
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "launcher.cli", "train", config, *args],
+                                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        points: list[tuple[int, float]] = []
+        peak = 0.0
+        while proc.poll() is None:
+            status = _proc_status_mib(proc.pid)
+            step = _last_step(run_dir / "metrics.jsonl")
+            if status is not None:
+                peak = max(peak, status[1])
+                if step is not None:
+                    points.append((step, status[0]))
+            time.sleep(0.5)
+    seconds = time.perf_counter() - started
+    if proc.returncode != 0 or len(points) < 2:
+        return {"error": f"exit {proc.returncode}: " + log.read_text(errors="replace")[-2000:]}
+    out = summarise(points, "step", peak)
+    out.update({"batch_size": batch_size, "base_channels": base_channels, "config": config,
+                "overrides": overrides or [], "seconds": seconds, "steps_done": _last_step(run_dir / "metrics.jsonl")})
+    return out
+
+
+def run(quick: bool, root: Path, reader_shards: Path, reader_size: int, batches: int | None = None,
+        steps: int | None = None, trainer_overrides: list[str] | None = None) -> dict:
+    """Reader over ``batches`` batches and the real trainer over ``steps`` steps."""
+    batches = batches or (20 if quick else 4000)
+    steps = steps or (30 if quick else 1500)
     results = {}
-    for name, args in (("reader", ["reader", str(reader_shards), str(reader_size), str(batches)]),
-                       ("trainer", ["trainer", str(root), str(steps), "16"])):
-        # A fresh process group: the parent's torch.distributed variables (its port) must not leak in.
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        proc = subprocess.run([sys.executable, "-m", "bench.memory", *args], capture_output=True, text=True,
-                              cwd=Path(__file__).resolve().parent.parent, env=env)
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            results[name] = {"error": (proc.stderr or proc.stdout)[-2000:]}
-        else:
-            results[name] = json.loads(lines[-1])
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    proc = subprocess.run([sys.executable, "-m", "bench.memory", "reader", str(reader_shards), str(reader_size),
+                           str(batches)], capture_output=True, text=True, cwd=ROOT, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    results["reader"] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
+        "error": (proc.stderr or proc.stdout)[-2000:]}
+    results["trainer"] = trainer_run(root, steps, overrides=trainer_overrides)
     return results
 
 
-if __name__ == "__main__":
-    kind = sys.argv[1]
-    if kind == "reader":
-        print(json.dumps(reader_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.memory", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="kind", required=True)
+    reader = sub.add_parser("reader")
+    reader.add_argument("shards")
+    reader.add_argument("size", type=int)
+    reader.add_argument("batches", type=int)
+    trainer = sub.add_parser("trainer")
+    trainer.add_argument("work")
+    trainer.add_argument("steps", type=int)
+    trainer.add_argument("--batch-size", type=int, default=8)
+    trainer.add_argument("--base-channels", type=int, default=8)
+    trainer.add_argument("--out", default=None, help="also write the JSON here")
+    trainer.add_argument("overrides", nargs="*", help="extra key=value config overrides")
+    args = parser.parse_args(argv)
+    if args.kind == "reader":
+        result = reader_child(args.shards, args.size, args.batches)
     else:
-        print(json.dumps(trainer_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))))
+        result = trainer_run(Path(args.work), args.steps, args.batch_size, args.base_channels, args.overrides)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -4,18 +4,25 @@ Every function here turns bytes into a plain numpy value or raises :class:`BadSa
 with a short machine-readable reason. The stream counts those reasons instead of
 crashing, so nothing in this module may let another exception type escape for bad data.
 
-PIL is the reference decoder and the fallback that decodes anything. JPEGs that need no
-DCT scaling and no EXIF handling go through simplejpeg first (libjpeg-turbo without PIL's
-per-image Python overhead: measured 2-3x faster on 64x64 crops, see ``bench/``). Its output
-is bit-identical to PIL's for the cases it accepts (same libjpeg-turbo ISLOW IDCT and fancy
-upsampling; checked by tests/test_decode.py); everything else, and anything it fails on,
-goes to PIL, so the skip reasons stay PIL's.
+PIL is the reference decoder and the fallback that decodes anything. Two faster decoders
+take the common cases first, each only where its output is bit-identical to PIL's (checked
+by tests/test_decode.py); everything else, and anything they fail on, goes to PIL, so the
+skip reasons stay PIL's:
+
+* JPEGs that need no DCT scaling and no EXIF handling: simplejpeg (libjpeg-turbo without
+  PIL's per-image Python overhead: 2.5-6x faster, see ``bench/``; same ISLOW IDCT and fancy
+  upsampling as PIL).
+* 8-bit PNGs: pyspng (libspng: 2-3x faster than PIL's zlib + unfilter here).
+
+:func:`decode_image_fast` is the stream's entry point: the fast decoders only, optionally
+into a caller's reusable buffer, or None for :func:`decode_image` to decide.
 """
 
 from __future__ import annotations
 
 import io
 import re
+import struct
 import warnings
 
 import numpy as np
@@ -26,7 +33,14 @@ try:  # optional: the fast JPEG path; PIL alone decodes everything without it
 except ImportError:  # pragma: no cover - depends on the environment
     _simplejpeg = None
 
+try:  # optional: the fast PNG path (libspng); PIL alone decodes everything without it
+    import pyspng as _pyspng
+except ImportError:  # pragma: no cover - depends on the environment
+    _pyspng = None
+
 _JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_IHDR = struct.Struct(">4sIIBBBBB")  # at offset 12: b"IHDR", width, height, depth, colour type, ...
 
 # 8192 x 8192: larger than any sane training image, small enough that one decode cannot
 # exhaust a worker's memory (a 64k x 64k PNG header costs 12 GiB once decoded).
@@ -57,6 +71,8 @@ class BadSample(Exception):
 
 def decode_label(data: bytes) -> int:
     """Parse a ``.cls`` payload (ASCII non-negative integer, surrounding whitespace allowed)."""
+    if type(data) is bytes and len(data) <= 18 and data.isdigit():  # the usual b"7": ASCII digits only
+        return int(data)
     match = _LABEL_RE.fullmatch(data) if isinstance(data, (bytes, bytearray)) else None
     if match is None:
         raise BadSample(BAD_LABEL, repr(bytes(data[:20]) if isinstance(data, (bytes, bytearray)) else data))
@@ -102,6 +118,10 @@ def decode_image(
         array = _decode_jpeg_fast(data, channels, image_size, max_pixels)
         if array is not None:
             return array
+    if not exif_transpose and _pyspng is not None and data[:8] == _PNG_MAGIC:
+        array = _decode_png_fast(data, channels, _target_hw(image_size), max_pixels)
+        if array is not None:
+            return array
     img = _open_checked(data, max_pixels)
     target = _target_hw(image_size)
     mode = _target_mode(img.mode, channels)
@@ -124,7 +144,7 @@ def decode_image(
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def _decode_jpeg_fast(data, channels, image_size, max_pixels) -> np.ndarray | None:
+def _decode_jpeg_fast(data, channels, image_size, max_pixels, buffer=None) -> np.ndarray | None:
     """simplejpeg's decode of a JPEG, or None where PIL must decide (or would differ).
 
     Accepted: greyscale and YCbCr JPEGs whose size is already the target, or less than twice
@@ -153,8 +173,11 @@ def _decode_jpeg_fast(data, channels, image_size, max_pixels) -> np.ndarray | No
         return None
     if target is not None and (width // target[1] >= 2 and height // target[0] >= 2):
         return None  # PIL's draft picks a DCT scale (1/2, 1/4, 1/8); keep its exact choice
+    if buffer is not None and (target is None or (height, width) != target or out_space != "RGB"):
+        buffer = None  # the buffer only takes images that need no resize
     try:
-        array = _simplejpeg.decode_jpeg(data, out_space, fastdct=False, fastupsample=False, strict=True)
+        array = _simplejpeg.decode_jpeg(data, out_space, fastdct=False, fastupsample=False, strict=True,
+                                        buffer=buffer)
     except Exception:
         return None
     if array.shape[0] != height or array.shape[1] != width:
@@ -164,6 +187,69 @@ def _decode_jpeg_fast(data, channels, image_size, max_pixels) -> np.ndarray | No
         array = np.asarray(fit_image(img, target), dtype=np.uint8)
         return array[:, :, None] if array.ndim == 2 else array
     return array
+
+
+def decode_image_fast(
+    data: bytes,
+    channels: int | None,
+    target_hw: tuple[int, int] | None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    buffer: np.ndarray | None = None,
+) -> np.ndarray | None:
+    """What ``decode_image(data, ext, channels, target_hw, max_pixels)`` returns, through the
+    fast decoders only; None where they do not apply and :func:`decode_image` must decide.
+
+    Covers 3-channel output of JPEGs (simplejpeg, as :func:`decode_image` does) and 8-bit
+    PNGs (pyspng), and 1-channel output of 8-bit grey PNGs. ``buffer``, an HWC uint8 array of
+    ``target_hw`` and ``channels``, may receive the JPEG pixels: the result can then be a view
+    of it, valid until the next call with the same buffer. Never raises for bad data.
+    """
+    head = data[:8]
+    if head[:3] == _JPEG_MAGIC:
+        if channels != 3 or _simplejpeg is None:
+            return None
+        return _decode_jpeg_fast(data, channels, target_hw, max_pixels, buffer)
+    if head == _PNG_MAGIC and _pyspng is not None:
+        return _decode_png_fast(data, channels, target_hw, max_pixels)
+    return None
+
+
+# PNG colour types: 0 grey, 2 RGB, 3 palette, 4 grey + alpha, 6 RGBA. PIL converts each to RGB
+# (dropping alpha, expanding palettes, repeating grey) exactly as libspng's RGB8 output does.
+_PNG_TO_RGB = frozenset({0, 2, 3, 4, 6})
+
+
+def _decode_png_fast(data, channels, target_hw, max_pixels) -> np.ndarray | None:
+    """pyspng's decode of an 8-bit PNG, or None where PIL must decide (or would differ).
+
+    16-bit and low-bit-depth PNGs go to PIL (its grey "I;16" rescaling differs); so do grey
+    output from colour (PIL's own weights), damaged data and oversized headers. One known
+    difference: libspng ignores a bad checksum on an ancillary chunk (text, gamma, ...) and
+    decodes the pixels, where PIL calls the file broken.
+    """
+    try:
+        tag, width, height, depth, colour, _, _, interlace = _PNG_IHDR.unpack_from(data, 12)
+    except struct.error:
+        return None
+    if tag != b"IHDR" or depth != 8 or interlace > 1 or width <= 0 or height <= 0 or width * height > max_pixels:
+        return None
+    if Image.MAX_IMAGE_PIXELS and width * height > 2 * Image.MAX_IMAGE_PIXELS:
+        return None  # PIL calls it a decompression bomb: too_large
+    if colour == 0 and channels in (None, 1):
+        fmt = "L"
+    elif colour in _PNG_TO_RGB and (channels == 3 or (channels is None and colour != 4)):
+        fmt = "RGB"  # PIL keeps grey+alpha ("LA") grey when channels is None
+    else:
+        return None
+    try:
+        array = _pyspng.load(data, fmt)
+    except Exception:
+        return None
+    if array.shape[0] != height or array.shape[1] != width:
+        return None
+    if target_hw is not None and (height, width) != tuple(target_hw):
+        array = np.asarray(fit_image(Image.fromarray(array), target_hw), dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
 
 
 def fit_image(img: Image.Image, target_hw: tuple[int, int]) -> Image.Image:

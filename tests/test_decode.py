@@ -170,3 +170,71 @@ def test_member_name_split_matches_webdataset(name):
 
     expected = (None, None) if _META_RE.match(name) else base_plus_ext(name)
     assert _split_name(name) == expected
+
+
+# ---------------------------------------------------------------------------- PNG (pyspng)
+
+
+def png(array: np.ndarray, mode: str, **save) -> bytes:
+    buf = io.BytesIO()
+    img = Image.fromarray(array)
+    if mode == "P":
+        img = img.convert("P", palette=Image.Palette.ADAPTIVE, colors=50)
+    elif mode == "I;16":
+        img = Image.fromarray((np.asarray(img.convert("L"), dtype=np.uint16) * 257))
+    else:
+        img = img.convert(mode)
+    img.save(buf, "PNG", **save)
+    return buf.getvalue()
+
+
+def pil_png_reference(data: bytes, *args, **kwargs) -> np.ndarray:
+    saved, decode._pyspng = decode._pyspng, None
+    try:
+        return decode_image(data, "png", *args, **kwargs)
+    finally:
+        decode._pyspng = saved
+
+
+PNG_CASES = [(mode, channels, size) for mode in ("RGB", "RGBA", "L", "LA", "P", "I;16")
+             for channels, size in ((None, None), (3, None), (1, None), (3, (97, 131)), (3, 64), (1, 48))]
+
+
+@pytest.mark.skipif(decode._pyspng is None, reason="pyspng not installed")
+@pytest.mark.parametrize("mode, channels, size", PNG_CASES)
+def test_fast_png_is_bit_identical_to_pil(mode, channels, size):
+    data = png(photo(), mode)
+    got = decode_image(data, "png", channels, size)
+    want = pil_png_reference(data, channels, size)
+    assert got.dtype == want.dtype == np.uint8 and got.shape == want.shape
+    assert np.array_equal(got, want)
+    fast = decode.decode_image_fast(data, channels, decode._target_hw(size))
+    if fast is not None:
+        assert np.array_equal(fast, want)
+
+
+@pytest.mark.skipif(decode._pyspng is None, reason="pyspng not installed")
+def test_png_with_transparency_palette_and_damage():
+    rgba = np.dstack([photo(), np.full(photo().shape[:2], 7, np.uint8)])
+    cases = [png(rgba, "RGBA"), png(photo(), "P", transparency=0), png(photo(), "L", transparency=5)]
+    for data in cases:
+        for channels in (None, 1, 3):
+            assert np.array_equal(decode_image(data, "png", channels, 64), pil_png_reference(data, channels, 64))
+    good = png(photo(), "RGB")
+    for bad in (good[: len(good) // 2], good[:40] + bytes(30) + good[70:]):
+        assert decode.decode_image_fast(bad, 3, (97, 131)) is None
+        with pytest.raises(BadSample, match="decode_error"):
+            decode_image(bad, "png", 3, None)
+
+
+def test_fast_jpeg_decodes_into_a_given_buffer():
+    data = jpeg(photo(64, 64))
+    buffer = np.empty((64, 64, 3), np.uint8)
+    got = decode.decode_image_fast(data, 3, (64, 64), buffer=buffer)
+    assert got.base is buffer and np.array_equal(got, pil_reference(data, 3, 64))
+    other = jpeg(photo(40, 50))  # needs a resize: a fresh array, the buffer is not touched
+    before = buffer.copy()
+    assert np.array_equal(decode.decode_image_fast(other, 3, (64, 64), buffer=buffer), pil_reference(other, 3, 64))
+    assert np.array_equal(buffer, before)
+    cmyk = jpeg(photo(64, 64), "CMYK")
+    assert decode.decode_image_fast(cmyk, 3, (64, 64), buffer=buffer) is None  # PIL's business
