@@ -71,6 +71,7 @@ def score(bench: str, npz: Path, shards: Path) -> dict:
 
 def run_bench(bench: str, seeds: int, work: Path, overrides: list[str]) -> dict:
     spec = BENCHES[bench]
+    start = time.perf_counter()
     shards = work / "data" / spec["source"]
     if not (shards / "manifest.json").exists():
         gentrain("shards", "build", spec["source"], "--out", shards, "--quiet")
@@ -94,6 +95,7 @@ def run_bench(bench: str, seeds: int, work: Path, overrides: list[str]) -> dict:
     else:
         summary["high_quality_mean"] = statistics.mean(r["high_quality"] for r in per_seed)
         summary["high_quality_min"] = min(r["high_quality"] for r in per_seed)
+    summary["wall_seconds"] = round(time.perf_counter() - start, 1)  # the whole command: build, train, sample, score
     return {"preset": spec["preset"], "samples": spec["samples"], "overrides": overrides, "seeds": per_seed,
             "summary": summary, "target": TARGETS[bench], "published": PUBLISHED[bench]}
 
@@ -103,6 +105,8 @@ def markdown(results: dict) -> str:
              "Written by `python -m bench.gan_modes`; figures in bench/gan_modes.json.", ""]
     for bench, r in results.items():
         lines += [f"## {bench} ({r['preset']}, {r['samples']} samples, target: {r['target']})", ""]
+        if "wall_seconds" in r["summary"]:
+            lines += [f"{len(r['seeds'])} seed(s) in {r['summary']['wall_seconds'] / 60:.1f} min wall.", ""]
         if bench == "stacked":
             lines += ["| | modes | KL to uniform |", "|---|---|---|"]
             for s in r["seeds"]:
@@ -127,8 +131,10 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="dotted config overrides passed to every run")
     args = p.parse_args(argv)
     out = ROOT / args.out
+    result = run_bench(args.bench, args.seeds, (ROOT / args.work).resolve(), args.overrides)
+    # Read the file only now: another benchmark may have written its entry while this one ran.
     results = json.loads(out.read_text()) if out.exists() else {}
-    results[args.bench] = run_bench(args.bench, args.seeds, (ROOT / args.work).resolve(), args.overrides)
+    results[args.bench] = result
     out.write_text(json.dumps(results, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown(results))
     print(markdown({args.bench: results[args.bench]}))
