@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/gentrain/torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-quick test-slurm test-multinode bench clean
+.PHONY: install demo test test-quick test-slurm test-multinode bench bench-vae clean
 
 install: $(VENV)/.installed
 
@@ -42,6 +42,12 @@ test-multinode: install
 
 bench: install
 	$(PY) -m bench.run
+
+# The VAE against pythae (same ConvVAE, likelihood, optimizer, budget): throughput and IW-NLL.
+# Installs the pinned pythae into the venv (it coexists with our pins: `pip check` is clean).
+bench-vae: install
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) -m bench.vae_vs_pythae $(BENCH_ARGS)
 
 clean:
 	rm -rf runs data .pytest_cache

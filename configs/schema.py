@@ -79,6 +79,22 @@ class TrainerConfig:
     """Show a progress bar on rank 0."""
     max_nonfinite_in_row: int = 20
     """Non-finite steps (skipped and counted) in a row before rolling back to the last checkpoint."""
+    channels_last: bool = False
+    """Networks and their image inputs in channels_last memory (oneDNN's direct conv layout on
+    CPU, tensor-core friendly on GPU). Same parameters, same function; checkpoints are layout-free."""
+    compile: bool = False
+    """torch.compile each network (inductor; needs a C++ compiler on CPU). The first compile of a
+    shape takes tens of seconds and is cached under ~/.cache/gentrain/inductor."""
+    fused_optimizer: bool = True
+    """AdamW's fused (single-kernel) implementation where this torch has it for the device, else
+    its foreach one."""
+    edge_convs_as_gemm: bool = True
+    """Convolutions reading or writing a 1-4 channel image run as one matrix product (im2col /
+    col2im) instead of oneDNN's direct kernels, which are slow for so few channels. Same
+    parameters, same function."""
+    keep_host_memory: bool = True
+    """CPU: keep freed host memory in the process (glibc mallopt) so each step's activations do
+    not page-fault in again."""
 
 
 @dataclass

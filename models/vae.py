@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from models.blocks import down_block, num_resolution_steps, up_block, widths
+from models.blocks import down_block, num_resolution_steps, to_image, up_block, widths
 
 
 @dataclass
@@ -38,7 +38,7 @@ class ConvVAE(nn.Module):
 
         self.from_latent = nn.Linear(latent_dim, chans[-1] * 16)
         dec = [up_block(chans[i], chans[i - 1]) for i in range(steps - 1, 0, -1)]
-        self.decoder = nn.Sequential(*dec, nn.ConvTranspose2d(chans[0], channels, 4, stride=2, padding=1))
+        self.decoder = nn.Sequential(*dec, to_image(chans[0], channels))
         self._base_channels = chans[-1]
 
     def encode(self, x_bchw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
