@@ -94,8 +94,10 @@ def _last_step(metrics: Path) -> int | None:
 
 
 def trainer_run(work: Path, steps: int, batch_size: int = 8, base_channels: int = 8,
-                overrides: list[str] | None = None, config: str = "configs/vae_digits.yaml") -> dict:
-    """RSS of a real ``gentrain train`` process over ``steps`` steps (see the module doc)."""
+                overrides: list[str] | None = None, config: str = "configs/vae_digits.yaml",
+                trace: Path | None = None) -> dict:
+    """RSS of a real ``gentrain train`` process over ``steps`` steps (see the module doc).
+    ``trace``: also append each (step, RSS MiB, VmHWM MiB, seconds) sample there as it is taken."""
     from data_shards.build import build_shards
 
     shards = Path(work) / "digits"
@@ -124,6 +126,9 @@ def trainer_run(work: Path, steps: int, batch_size: int = 8, base_channels: int 
                 peak = max(peak, status[1])
                 if step is not None:
                     points.append((step, status[0]))
+                    if trace is not None:
+                        with open(trace, "a") as f:
+                            f.write(f"{step} {status[0]:.1f} {status[1]:.1f} {time.perf_counter() - started:.1f}\n")
             time.sleep(0.5)
     seconds = time.perf_counter() - started
     if proc.returncode != 0 or len(points) < 2:
@@ -164,12 +169,15 @@ def main(argv: list[str] | None = None) -> int:
     trainer.add_argument("--batch-size", type=int, default=8)
     trainer.add_argument("--base-channels", type=int, default=8)
     trainer.add_argument("--out", default=None, help="also write the JSON here")
-    trainer.add_argument("overrides", nargs="*", help="extra key=value config overrides")
-    args = parser.parse_args(argv)
+    trainer.add_argument("--trace", default=None, help="append each RSS sample here as it is taken")
+    args, overrides = parser.parse_known_args(argv)  # the rest: key=value config overrides (trainer)
+    if overrides and (args.kind != "trainer" or any("=" not in o for o in overrides)):
+        parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.kind == "reader":
         result = reader_child(args.shards, args.size, args.batches)
     else:
-        result = trainer_run(Path(args.work), args.steps, args.batch_size, args.base_channels, args.overrides)
+        result = trainer_run(Path(args.work), args.steps, args.batch_size, args.base_channels, overrides,
+                             trace=Path(args.trace) if args.trace else None)
         if args.out:
             Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

@@ -4,17 +4,23 @@ Data: scikit-learn's two sample photographs cut into random square crops (side d
 the target size and the photo's short side), resized (bicubic) to 64x64 or 256x256 and
 written with ``build_shards`` as JPEG (quality 90) and PNG shards. Nothing is downloaded.
 
-Per (size, format), three loops run side by side, round-robin, each on one core:
+Per (size, format), four loops run side by side, round-robin, on one core each, timed in CPU
+seconds of this thread (bench.common):
 
-* ``reader``: gentrain's ``ShardStream`` (tar -> samples -> decode -> shuffle buffer of 512 ->
-  uint8 [B,C,H,W] batches), num_workers=0, iterated past its shuffle-buffer warm-up.
+* ``reader``: gentrain's ``ShardStream`` (tar -> samples -> shuffle window of 512 -> decode ->
+  uint8 [B,C,H,W] batches), num_workers=0, iterated past its shuffle-buffer warm-up, yielding
+  channels_last batches (``channels_last=True``: [B,C,H,W] tensors over [B,H,W,C] memory, each
+  JPEG decoded straight into its slot). That is the layout the trainer's channels_last networks
+  (``trainer.channels_last``, on by default) take, and the decoders' own layout.
+* ``reader_contiguous``: the same with contiguous [B,C,H,W] memory (one HWC -> CHW copy per image).
 * ``raw_decode``: only the decoder the reader uses, on the same encoded bytes already in
-  memory (simplejpeg for JPEG, PIL for PNG): the limit a reader can approach.
+  memory (simplejpeg for JPEG, pyspng for PNG; PIL where they are missing): the limit.
 * ``webdataset``: ``wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("jpg;png",
-  "cls")``, batched into the same uint8 [B,C,H,W] tensors.
+  "cls")``, batched the same way (stacked [B,H,W,C], viewed as [B,C,H,W]).
 """
 from __future__ import annotations
 
+import gc
 import io
 import itertools
 import os
@@ -76,16 +82,15 @@ def raw_decoder(fmt: str):
     if fmt == "jpg" and decode._simplejpeg is not None:
         sj = decode._simplejpeg
         return "simplejpeg", lambda data: sj.decode_jpeg(data, "RGB", fastdct=False, fastupsample=False)
+    if fmt == "png" and decode._pyspng is not None:
+        spng = decode._pyspng
+        return "pyspng", lambda data: spng.load(data, "RGB")
     return "PIL", lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def collate_like_reader(images: list[np.ndarray]) -> torch.Tensor:
-    """uint8 [B,C,H,W], as the reader returns (same copy strategy)."""
-    h, w, c = images[0].shape
-    out = np.empty((len(images), c, h, w), dtype=np.uint8)
-    for i, image in enumerate(images):
-        out[i] = image.transpose(2, 0, 1)
-    return torch.from_numpy(out)
+def collate_channels_last(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 [B,C,H,W] over [B,H,W,C] memory, as the reader's channels_last batches."""
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
 
 
 def bench_config(shards: Path, size: int, fmt: str, images: int, rounds: int) -> dict:
@@ -100,9 +105,9 @@ def bench_config(shards: Path, size: int, fmt: str, images: int, rounds: int) ->
     batches = max(1, images // BATCH)
     n_images = batches * BATCH
 
-    stream = iter(ShardStream(urls, BATCH, image_size=size, channels=3, shuffle_buffer=512, seed=0))
-    stream_cl = iter(ShardStream(urls, BATCH, image_size=size, channels=3, shuffle_buffer=512, seed=0,
-                                 channels_last=True))
+    stream = iter(ShardStream(urls, BATCH, image_size=size, channels=3, shuffle_buffer=512, seed=0,
+                              channels_last=True))
+    stream_contiguous = iter(ShardStream(urls, BATCH, image_size=size, channels=3, shuffle_buffer=512, seed=0))
 
     def wds_batches():
         group = []  # batches run across passes, as the reader's do
@@ -111,7 +116,7 @@ def bench_config(shards: Path, size: int, fmt: str, images: int, rounds: int) ->
             for image, _label in pipeline:
                 group.append(image)
                 if len(group) == BATCH:
-                    yield {"image": collate_like_reader(group)}
+                    yield {"image": collate_channels_last(group)}
                     group = []
 
     wds_iter = wds_batches()
@@ -122,9 +127,9 @@ def bench_config(shards: Path, size: int, fmt: str, images: int, rounds: int) ->
             next(stream)
         return n_images
 
-    def run_reader_cl() -> int:
+    def run_reader_contiguous() -> int:
         for _ in range(batches):
-            next(stream_cl)
+            next(stream_contiguous)
         return n_images
 
     def run_raw() -> int:
@@ -142,12 +147,13 @@ def bench_config(shards: Path, size: int, fmt: str, images: int, rounds: int) ->
         # Warm-up: fill the reader's shuffle buffer, open the first shards, touch every byte.
         for _ in range(512 // BATCH + 2):
             next(stream)
-            next(stream_cl)
+            next(stream_contiguous)
         next(wds_iter)
         for data in encoded[:BATCH]:
             decode(data)
+        gc.collect()  # the first full collection after importing torch is slow: not in any round
         per_image = interleaved({"reader": run_reader, "raw_decode": run_raw, "webdataset": run_wds,
-                                 "reader_channels_last": run_reader_cl}, rounds)
+                                 "reader_contiguous": run_reader_contiguous}, rounds)
     return {
         "images_per_round": n_images,
         "rounds": rounds,
@@ -155,16 +161,19 @@ def bench_config(shards: Path, size: int, fmt: str, images: int, rounds: int) ->
         "images_per_s": {name: 1.0 / median(times) for name, times in per_image.items()},
         "reader_vs_raw_decode": median_ratio(per_image["raw_decode"], per_image["reader"]),
         "reader_vs_webdataset": median_ratio(per_image["webdataset"], per_image["reader"]),
-        "reader_channels_last_vs_raw_decode": median_ratio(per_image["raw_decode"], per_image["reader_channels_last"]),
+        "reader_contiguous_vs_raw_decode": median_ratio(per_image["raw_decode"], per_image["reader_contiguous"]),
+        "reader_contiguous_vs_webdataset": median_ratio(per_image["webdataset"], per_image["reader_contiguous"]),
+        "per_round_reader_vs_raw_decode": [a / b for a, b in zip(per_image["raw_decode"], per_image["reader"])],
     }
 
 
-def bench_decoders(shards: Path, size: int, images: int, rounds: int) -> dict:
-    """JPEG decoder choice: PIL (full decode), PIL with draft, simplejpeg: images/s and vs PIL."""
+def bench_decoders(shards: Path, size: int, images: int, rounds: int, fmt: str = "jpg") -> dict:
+    """Decoder choice on the shards' bytes: images/s and ratio to PIL. JPEG: PIL (full decode),
+    PIL with draft, simplejpeg, gentrain's decode_image; PNG: PIL, pyspng, decode_image."""
     from data_shards import decode as dec
     from data_shards.stream import read_shard, resolve_shards
 
-    encoded = [raw["jpg"] for url in resolve_shards(shards) for raw in read_shard(url)][:images]
+    encoded = [raw[fmt] for url in resolve_shards(shards) for raw in read_shard(url)][:images]
 
     def pil(data):
         return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
@@ -174,10 +183,14 @@ def bench_decoders(shards: Path, size: int, images: int, rounds: int) -> dict:
         img.draft("RGB", (size, size))
         return np.asarray(img.convert("RGB"))
 
-    fns = {"pil": pil, "pil_draft": pil_draft}
-    if dec._simplejpeg is not None:
-        fns["simplejpeg"] = lambda data: dec._simplejpeg.decode_jpeg(data, "RGB", fastdct=False, fastupsample=False)
-    fns["gentrain_decode_image"] = lambda data: dec.decode_image(data, "jpg", 3, size)
+    fns = {"pil": pil}
+    if fmt == "jpg":
+        fns["pil_draft"] = pil_draft
+        if dec._simplejpeg is not None:
+            fns["simplejpeg"] = lambda data: dec._simplejpeg.decode_jpeg(data, "RGB", fastdct=False, fastupsample=False)
+    elif dec._pyspng is not None:
+        fns["pyspng"] = lambda data: dec._pyspng.load(data, "RGB")
+    fns["gentrain_decode_image"] = lambda data: dec.decode_image(data, fmt, 3, size)
 
     def loop(fn):
         def run():
@@ -200,7 +213,8 @@ def bench_scaling(shards: Path, size: int, images: int, rounds: int) -> dict:
     batches = max(1, images // BATCH)
     loaders = {}
     for workers in (0, 1, 2):
-        loader = make_loader(shards, BATCH, num_workers=workers, image_size=size, channels=3, shuffle_buffer=512)
+        loader = make_loader(shards, BATCH, num_workers=workers, image_size=size, channels=3, shuffle_buffer=512,
+                             channels_last=True)
         loaders[workers] = iter(loader)
         for _ in range(512 // BATCH + 2 + 2 * workers):  # start workers, fill their buffers
             next(loaders[workers])
@@ -237,7 +251,7 @@ def run(quick: bool = False, root: Path | None = None) -> dict:
     root.mkdir(parents=True, exist_ok=True)
     sizes = {64: 2048, 256: 512}
     images = {(64, "jpg"): 2048, (64, "png"): 1024, (256, "jpg"): 256, (256, "png"): 128}
-    rounds = 7
+    rounds = 9
     if quick:
         sizes = {64: 64, 256: 16}
         images = {key: 64 if key[0] == 64 else 16 for key in images}
@@ -247,8 +261,8 @@ def run(quick: bool = False, root: Path | None = None) -> dict:
         for fmt in ("jpg", "png"):
             shards = build_bench_shards(root, size, fmt, n, shard_size=max(n // 8, 16))
             results["reader"].setdefault(str(size), {})[fmt] = bench_config(shards, size, fmt, images[(size, fmt)], rounds)
-            if fmt == "jpg":
-                results["decoders"][str(size)] = bench_decoders(shards, size, min(n, images[(size, fmt)]), rounds)
+            results["decoders"].setdefault(str(size), {})[fmt] = bench_decoders(
+                shards, size, min(n, images[(size, fmt)]), rounds, fmt)
     if not quick:  # starting workers costs seconds: not for a smoke run
         shards = build_bench_shards(root, 64, "jpg", sizes[64], shard_size=max(sizes[64] // 8, 16))
         results["scaling"] = bench_scaling(shards, 64, images[(64, "jpg")], rounds)

@@ -1,5 +1,9 @@
 """`make bench` / `python -m bench.run [--quick] [--out DIR]`: reader, trainer and memory figures.
 
+Parts (``--only``): reader (vs raw decode and webdataset, decoder choice, DataLoader workers),
+trainer (step vs a bare loop), scaling (training with 1 and 2 processes), memory (RSS of a
+reader and of the real trainer over a long run; ``--memory-steps 10000`` for the long one).
+
 Writes DIR/results.json (raw figures and the ratios ``reader_vs_raw_decode``,
 ``reader_vs_webdataset`` per image size and format, ``trainer_step_vs_bare_loop`` per model)
 and DIR/results.md (the tables). DIR defaults to bench/. Every ratio compares loops timed
@@ -47,40 +51,61 @@ def _meets(name: str, value: float) -> str:
 def to_markdown(results: dict) -> str:
     m = results["machine"]
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, torch {m['torch']}; "
-             f"load average at start {m['load_avg_at_start']}. {'QUICK smoke run: not meaningful. ' if results['quick'] else ''}"
+             f"load average at start {[round(x, 2) for x in m['load_avg_at_start']] if m['load_avg_at_start'] else None}. {'QUICK smoke run: not meaningful. ' if results['quick'] else ''}"
              f"Ratios are medians over interleaved rounds in one process.", ""]
     reader = results.get("reader", {})
     if reader.get("reader"):
-        lines += ["**Reader** (images/s, one core, batch 64, shuffle buffer 512; `reader` is `ShardStream`, "
-                  "`raw decode` only decodes the same bytes from memory with the same decoder, `webdataset` is "
-                  "`wds.WebDataset(urls).decode(\"rgb8\").to_tuple(...)` batched the same way)", "",
-                  "| size | format | decoder | reader | raw decode | webdataset | reader_vs_raw_decode | "
-                  "reader_vs_webdataset | channels_last reader vs raw |",
-                  "|---|---|---|---:|---:|---:|---|---|---:|"]
+        lines += ["**Reader** (images/s per core: CPU seconds of the one thread running each loop; batch 64, shuffle "
+                  "window 512). `reader` is `ShardStream` yielding channels_last batches ([B,C,H,W] over [B,H,W,C] "
+                  "memory, the layout of the decoders and of the trainer's channels_last networks); `contiguous` is "
+                  "the same reader yielding contiguous [B,C,H,W] memory (one HWC->CHW copy per image); `raw decode` "
+                  "only decodes the same bytes from memory with the same decoder; `webdataset` is "
+                  "`wds.WebDataset(urls).decode(\"rgb8\").to_tuple(...)` batched like `reader`.", "",
+                  "| size | format | decoder | reader | contiguous | raw decode | webdataset | reader_vs_raw_decode | "
+                  "reader_vs_webdataset | contiguous vs raw | contiguous vs webdataset |",
+                  "|---|---|---|---:|---:|---:|---:|---|---|---:|---:|"]
         for size, fmts in reader["reader"].items():
             for fmt, r in fmts.items():
                 ips = r["images_per_s"]
-                lines.append(f"| {size} | {fmt} | {r['decoder']} | {ips['reader']:.0f} | {ips['raw_decode']:.0f} | "
-                             f"{ips['webdataset']:.0f} | {_meets('reader_vs_raw_decode', r['reader_vs_raw_decode'])} | "
+                lines.append(f"| {size} | {fmt} | {r['decoder']} | {ips['reader']:.0f} | {ips['reader_contiguous']:.0f} | "
+                             f"{ips['raw_decode']:.0f} | {ips['webdataset']:.0f} | "
+                             f"{_meets('reader_vs_raw_decode', r['reader_vs_raw_decode'])} | "
                              f"{_meets('reader_vs_webdataset', r['reader_vs_webdataset'])} | "
-                             f"{r['reader_channels_last_vs_raw_decode']:.2f} |")
+                             f"{r['reader_contiguous_vs_raw_decode']:.2f} | {r['reader_contiguous_vs_webdataset']:.2f} |")
         lines.append("")
     if reader.get("decoders"):
-        lines += ["**JPEG decoder choice** (images/s on the shards' bytes; ratio to plain PIL)", "",
-                  "| size | " + " | ".join(next(iter(reader["decoders"].values()))["images_per_s"]) + " |",
-                  "|---|" + "---:|" * len(next(iter(reader["decoders"].values()))["images_per_s"])]
-        for size, d in reader["decoders"].items():
-            lines.append(f"| {size} | " + " | ".join(f"{d['images_per_s'][k]:.0f} ({d['vs_pil'][k]:.2f}x)"
-                                                     for k in d["images_per_s"]) + " |")
+        lines += ["**Decoder choice** (images/s per core on the shards' bytes, to RGB; ratio to PIL)", "",
+                  "| size | format | decoders |", "|---|---|---|"]
+        for size, fmts in reader["decoders"].items():
+            for fmt, d in fmts.items():
+                lines.append(f"| {size} | {fmt} | " + ", ".join(f"{k} {d['images_per_s'][k]:.0f} ({d['vs_pil'][k]:.2f}x)"
+                                                                for k in d["images_per_s"]) + " |")
         lines.append("")
     if reader.get("scaling"):
         s = reader["scaling"]
         ips = s["images_per_s"]
-        lines += ["**Reader scaling** (64x64 JPEG, DataLoader workers; the main process only receives batches)", "",
+        lines += ["**Reader scaling** (64x64 JPEG, DataLoader workers, wall clock; the main process only receives "
+                  "batches)", "",
                   "| in-process | 1 worker | 2 workers | 2 workers / 1 worker | efficiency vs linear |",
                   "|---:|---:|---:|---:|---:|",
                   f"| {ips['workers_0']:.0f} | {ips['workers_1']:.0f} | {ips['workers_2']:.0f} | "
                   f"{s['speedup_1_to_2_workers']:.2f}x | {s['efficiency_2_workers_vs_linear']:.0%} |", ""]
+    scaling = results.get("scaling", {})
+    if scaling:
+        lines += [f"**Training scaling** (`gentrain launch --nproc-per-node K {scaling['config']}` "
+                  f"{' '.join(scaling['overrides'])}: torchrun, gloo, DeepSpeed, the shard reader; same batch per "
+                  "process; samples/s from rank 0's metrics.jsonl between its first and last logged step)", "",
+                  "| processes | batch per process | steps timed | seconds | samples/s |", "|---:|---:|---:|---:|---:|"]
+        for name, j in scaling["jobs"].items():
+            if "error" in j:
+                lines.append(f"| {name} | error: {j['error'].splitlines()[-1] if j['error'] else '?'} | | | |")
+                continue
+            lines.append(f"| {j['nproc']} | {j['batch_per_process']} | {j['steps_timed']} | {j['seconds_timed']:.1f} | "
+                         f"{j['samples_per_s']:.0f} |")
+        if "efficiency_vs_linear" in scaling:
+            lines += ["", f"2 processes / 1 process: {scaling['speedup_1_to_2_processes']:.2f}x, efficiency vs "
+                          f"linear {scaling['efficiency_vs_linear']:.0%}."]
+        lines.append("")
     trainer = results.get("trainer", {})
     if trainer:
         lines += ["**Trainer step** (ms/step, single process, fp32, 1 thread, digits presets' batch and model; "
@@ -100,7 +125,10 @@ def to_markdown(results: dict) -> str:
         lines.append("")
     memory = results.get("memory", {})
     if memory:
-        lines += ["**Memory** (RSS sampled through the run; slope fitted after the first 30%)", "",
+        lines += ["**Memory** (RSS sampled through the run; slope fitted after the first 30%; the reader is "
+                  "ShardStream with its 512-sample shuffle window, batch 64, 64x64 JPEG; the trainer is the real "
+                  "`gentrain train configs/vae_digits.yaml` process with the batch and model width shown, logging, "
+                  "samples and checkpoints at the preset's cadence)", "",
                   "| process | length | RSS after warm-up | RSS end | peak RSS | slope | flat |",
                   "|---|---:|---:|---:|---:|---:|---|"]
         for name, r in memory.items():
@@ -108,12 +136,19 @@ def to_markdown(results: dict) -> str:
                 lines.append(f"| {name} | error: {r['error'].splitlines()[-1] if r['error'] else '?'} | | | | | |")
                 continue
             unit = "batch" if "batchs" in r else "step"
+            if "base_channels" in r:
+                name = f"{name} (batch {r['batch_size']}, base_channels {r['base_channels']})"
             lines.append(f"| {name} | {r[unit + 's']} {unit}{'es' if unit == 'batch' else 's'} | "
                          f"{r['rss_after_warmup_mib']:.0f} MiB | {r['rss_end_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB | "
                          f"{r['slope_mib_per_1k']:+.2f} MiB/1k {unit}{'es' if unit == 'batch' else 's'} | "
                          f"{'yes' if r['flat'] else 'NO'} |")
         lines.append("")
-    lines.append(f"Made by `{results['command']}` in {results['seconds']:.0f} s.")
+    for part, info in results.get("runs", {}).items():
+        if info.get("command") != results["command"]:
+            lines.append(f"The {part} figures are from an earlier run: `{info.get('command')}` (load average at start "
+                         f"{info.get('load_avg_at_start')}).")
+    lines.append(f"Made by `{results['command']}` in {results['seconds']:.0f} s"
+                 f"{'; load average at end ' + str([round(x, 2) for x in results['load_avg_at_end']]) if results.get('load_avg_at_end') else ''}.")
     return "\n".join(lines) + "\n"
 
 
@@ -122,8 +157,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny inputs, few rounds: a smoke run (seconds)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent), help="where results.json/.md go")
     parser.add_argument("--work", default=None, help="scratch directory for shards and runs (default: a temp dir)")
-    parser.add_argument("--only", default="reader,trainer,memory", help="comma-separated parts to run")
+    parser.add_argument("--only", default="reader,trainer,scaling,memory", help="comma-separated parts to run")
+    parser.add_argument("--memory-batches", type=int, default=None, help="reader memory run length (default 4000)")
+    parser.add_argument("--memory-steps", type=int, default=None,
+                        help="trainer memory run length in steps (default 1500; 10000 takes about an hour here)")
+    parser.add_argument("--scaling-steps", type=int, default=None, help="steps of each training-scaling job (default 200)")
+    parser.add_argument("--train-override", action="append", default=[],
+                        help="extra key=value override for the real training jobs (scaling, memory); repeatable")
     parser.add_argument("--render", action="store_true", help="only re-render results.md from results.json")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the parts of DIR/results.json that this run does not redo (each part records "
+                             "its own command, machine load and time under 'runs')")
     args = parser.parse_args(argv)
     if args.render:
         results = json.loads((Path(args.out) / "results.json").read_text())
@@ -137,8 +181,21 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     parts = set(args.only.split(","))
     started = time.perf_counter()
-    results: dict = {"machine": machine(), "quick": args.quick,
-                     "command": "python -m bench.run" + (" --quick" if args.quick else ""), "targets": TARGETS}
+    command = "python -m bench.run " + " ".join(argv if argv is not None else sys.argv[1:])
+    results: dict = {"machine": machine(), "quick": args.quick, "command": command, "targets": TARGETS}
+    previous = Path(args.out) / "results.json"
+    if args.merge and previous.is_file():
+        kept = json.loads(previous.read_text())
+        runs = kept.get("runs", {})
+        for part in ("reader", "trainer", "scaling", "memory"):
+            if part not in parts and part in kept:
+                results[part] = kept[part]
+                for name in {"reader": ("reader_vs_raw_decode", "reader_vs_webdataset"),
+                             "trainer": ("trainer_step_vs_bare_loop",)}.get(part, ()):
+                    if name in kept:
+                        results[name] = kept[name]
+                results.setdefault("runs", {})[part] = runs.get(part, {"command": kept.get("command"),
+                                                                        "load_avg_at_start": kept["machine"].get("load_avg_at_start")})
     from bench import reader
 
     if "reader" in parts:
@@ -154,6 +211,11 @@ def main(argv: list[str] | None = None) -> int:
 
         results["trainer"] = trainer.run(quick=args.quick, root=work)
         results["trainer_step_vs_bare_loop"] = {k: v["trainer_step_vs_bare_loop"] for k, v in results["trainer"].items()}
+    if "scaling" in parts:
+        print("[bench] training scaling ...", flush=True)
+        from bench import scaling
+
+        results["scaling"] = scaling.run(args.quick, work, args.scaling_steps, overrides=args.train_override)
     if "memory" in parts:
         print("[bench] memory ...", flush=True)
         from bench import memory
@@ -161,8 +223,15 @@ def main(argv: list[str] | None = None) -> int:
         size = 64
         n = 256 if args.quick else 2048
         shards = reader.build_bench_shards(work, size, "jpg", n, shard_size=max(n // 8, 16))
-        results["memory"] = memory.run(args.quick, work, shards, size)
+        results["memory"] = memory.run(args.quick, work, shards, size, args.memory_batches, args.memory_steps,
+                                       args.train_override)
     results["seconds"] = time.perf_counter() - started
+    results["load_avg_at_end"] = os.getloadavg()
+    for part in parts:
+        if part in results:
+            results.setdefault("runs", {})[part] = {"command": command, "seconds": results["seconds"],
+                                                    "load_avg_at_start": results["machine"]["load_avg_at_start"],
+                                                    "load_avg_at_end": results["load_avg_at_end"]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")

@@ -329,25 +329,58 @@ def _index_ustar(buf: bytes) -> list[tuple[str, str, int, int]] | None:
     unsigned = total - checksum_fields.sum(1, dtype=np.int64) + 256
     if not (unsigned == wanted).all() and not _checksums_match(blocks[heads], wanted):
         return None
-    names = blocks[heads, :100].copy().view("S100").ravel().tolist()  # trailing NULs dropped
+    starts = (heads * 512 + 512).tolist()
+    name_bytes = blocks[heads, :100]
+    fast = _split_names_ascii(name_bytes)
+    if fast is not None:  # every name a plain ASCII "dir/key.ext": split with numpy
+        keys, exts, dots = fast
+        return [(key, ext, start, start + size) for key, ext, start, size in zip(keys, exts, starts, sizes.tolist())]
+    names = name_bytes.copy().view("S100").ravel().tolist()  # trailing NULs dropped
     members = []
     append = members.append
-    for raw, offset, size in zip(names, (heads * 512 + 512).tolist(), sizes.tolist()):
+    for raw, offset, size in zip(names, starts, sizes.tolist()):
         if b"\0" in raw:
             raw = raw.split(b"\0", 1)[0]
         name = raw.decode("utf-8", "surrogateescape")
-        # The usual "dir/key.ext" split inline, as _split_name does it; the rest through it.
-        slash = name.rfind("/") + 1
-        dot = name.find(".", slash)
-        if dot > slash and name[:2] != "__" and "\n" not in name:
-            append((name[:dot], name[dot + 1 :].lower(), offset, offset + size))
-            continue
         if name[-1:] == "/" and buf[offset - 512 + 156] == _AREG:
             return None  # tarfile reads that as a directory (old V7 style)
         key, ext = _split_name(name)
         if key is not None:
             append((key, ext.lower(), offset, offset + size))
     return members
+
+
+_COLUMNS = np.arange(100)
+
+
+def _split_names_ascii(names: np.ndarray) -> tuple[list[str], list[str], np.ndarray] | None:
+    """(keys, lower-cased extensions, dot positions) of [N, 100] NUL-padded member names, where
+    every name is printable ASCII of the usual "dir/key.ext" form (what :func:`_split_name`
+    splits with string operations); None otherwise."""
+    used = names != 0
+    length = used.sum(1)
+    if (used & (_COLUMNS >= length[:, None])).any():
+        return None  # a NUL inside a name
+    if ((names < 32) | (names > 126)).sum() != (~used).sum():
+        return None  # non-ASCII or control characters (newlines) besides the NUL padding
+    if ((names[:, 0] == ord("_")) & (names[:, 1] == ord("_"))).any():
+        return None  # "__meta__" names and friends
+    slash = np.where(names == ord("/"), _COLUMNS, -1).max(1) + 1  # start of the base name
+    dots = (names == ord(".")) & (_COLUMNS > slash[:, None])
+    dot = np.where(dots.any(1), dots.argmax(1), -1)
+    if not (dot > slash).all():
+        return None  # no extension, or a base name starting with a dot
+    upper = (names >= ord("A")) & (names <= ord("Z")) & (_COLUMNS > dot[:, None])
+    lowered = np.where(upper, names + 32, names)
+    keys_padded = np.where(_COLUMNS < dot[:, None], names, 0).copy().view("S100").ravel()
+    exts = np.where(_COLUMNS > dot[:, None], lowered, 0)
+    exts = np.roll(exts, 0)  # extensions start right after the dot: shift each row left
+    shift = (dot + 1)[:, None] + _COLUMNS
+    exts = np.take_along_axis(exts, np.minimum(shift, 99), axis=1)
+    exts[shift > 99] = 0
+    ext_list = [e.decode("ascii") for e in exts.copy().view("S100").ravel().tolist()]
+    key_list = [k.decode("ascii") for k in keys_padded.tolist()]
+    return key_list, ext_list, dot
 
 
 def _checksums_match(header: np.ndarray, wanted: np.ndarray) -> bool:
@@ -486,7 +519,10 @@ def _detect_kind(raw: dict) -> str | None:
 def _payload_ext(raw: dict, kind: str) -> str | None:
     if kind == "points":
         return "npy" if "npy" in raw else None
-    return next((ext for ext in raw if ext in IMAGE_EXTENSIONS), None)
+    for ext in raw:  # the first image member, in member order
+        if ext in IMAGE_EXTENSIONS:
+            return ext
+    return None
 
 
 @dataclass

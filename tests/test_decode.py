@@ -238,3 +238,15 @@ def test_fast_jpeg_decodes_into_a_given_buffer():
     assert np.array_equal(buffer, before)
     cmyk = jpeg(photo(64, 64), "CMYK")
     assert decode.decode_image_fast(cmyk, 3, (64, 64), buffer=buffer) is None  # PIL's business
+
+
+NAMES = ["000.jpg", "a/000.jpg", "a/b/000.tar.gz.JPG", "x/.hidden", ".hidden", "a.b/c", "a.b/c.d", "noext", "dir/",
+         "__index__", "__meta__/x.jpg", "a/__key__.jpg", "_a.jpg", "a\nb/c.jpg", "a/b\n.jpg", "./x.jpg",
+         "a//b.jpg", "/abs/k.png", "ü/ключ.png", "K/Mixed.Case.PnG", "k/a b.jpg", "k/x~1.cls"]
+
+
+@pytest.mark.parametrize("names", [NAMES, [n for n in NAMES if n.isascii() and "\n" not in n and "__" not in n],
+                                   ["a/k1.jpg", "a/k1.CLS", "a/k2.jpg", "a/k2.cls", "b/k2.jpg"]])
+def test_tar_index_splits_names_like_tarfile(tmp_path, names):
+    path = write_tar(tmp_path / "n.tar", [(name, f"{i}".encode()) for i, name in enumerate(names)])
+    assert list(read_shard(str(path))) == by_tarfile(path)
