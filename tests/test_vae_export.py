@@ -41,10 +41,10 @@ def test_autoencoder_kl_run_exports_to_diffusers_and_loads_with_from_pretrained(
     z = torch.randn(5, *ours.latent_shape, generator=torch.Generator().manual_seed(0))
     x = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        assert torch.allclose(theirs.decode(z).sample, ours.decode(z.flatten(1)), atol=1e-6)
+        assert torch.allclose(theirs.decode(z).sample, ours.decode(z.flatten(1)), atol=1e-5)
         posterior = theirs.encode(x * 2 - 1).latent_dist  # diffusers' convention: images in [-1, 1]
         mean, logvar = ours.encode(x)
-        assert torch.allclose(posterior.mean.flatten(1), mean, atol=1e-6)
+        assert torch.allclose(posterior.mean.flatten(1), mean, atol=1e-5)
         assert torch.allclose(posterior.logvar.flatten(1), logvar, atol=1e-5)
 
     # The single-file export records the same measured factor (same samples, same seed).
