@@ -139,13 +139,15 @@ def edge_convs_as_gemm(module: nn.Module, on: bool = True) -> nn.Module:
     return module
 
 
-def to_channels_last(module: nn.Module) -> nn.Module:
-    """Put a network's 4-D weights in channels_last (in place). Inputs must be channels_last too
-    (trainers.engines does that with a forward pre-hook)."""
+def to_channels_last(module: nn.Module, weights: bool = True) -> nn.Module:
+    """Run a network in channels_last (in place): its edge convolutions' GEMM output in that
+    layout and, with ``weights``, its 4-D weights too. Inputs must be channels_last as well
+    (trainers.engines does that with a forward pre-hook); a channels_last input alone is enough
+    for oneDNN to pick its channels_last kernels."""
     for m in module.modules():
         if isinstance(m, EdgeConv2d):
             m.channels_last = True
-    return module.to(memory_format=torch.channels_last)
+    return module.to(memory_format=torch.channels_last) if weights else module
 
 
 def num_resolution_steps(image_size: int, min_size: int = 4) -> int:

@@ -149,7 +149,9 @@ def prepare_module(module: nn.Module, trainer: DictConfig) -> nn.Module:
     if trainer.get("edge_convs_as_gemm", False):
         edge_convs_as_gemm(module)
     if trainer.get("channels_last", False):
-        to_channels_last(module)
+        # Inputs and activations only: DeepSpeed needs dense parameters (it views them as bytes to
+        # broadcast, and ZeRO re-creates them as views of one flat buffer).
+        to_channels_last(module, weights=False)
         module.register_forward_pre_hook(_inputs_channels_last, with_kwargs=True)
     if trainer.get("compile", False):
         compile_cache_dir()
