@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 from torch import nn
 
 from configs import ConfigError
-from models import ConvVAE
-from models.autoencoder_kl import AutoencoderKLVAE, autoencoder_kl_config
+from models import AutoencoderKLVAE, ConvVAE
+from models.autoencoder_kl import autoencoder_kl_config
 from trainers.distributed import DistInfo
 from trainers.engines import make_engine, module_dtype
 from trainers.guard import all_finite
