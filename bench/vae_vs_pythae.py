@@ -359,14 +359,14 @@ def throughput(systems: list[str], spec: dict, rounds: int) -> dict:
 
 
 # ----------------------------------------------------------------------------- likelihood
-def train_gentrain(train: Path, run_dir: Path, steps: int, threads: int) -> dict:
+def train_gentrain(train: Path, run_dir: Path, steps: int, threads: int, seed: int = 0) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)
     gentrain = Path(sys.executable).parent / "gentrain"
     cmd = [str(gentrain) if gentrain.exists() else sys.executable, *([] if gentrain.exists() else ["-m", "launcher.cli"]),
            "train", str(PRESET), f"data.shards={train}", f"run.dir={run_dir}", "run.name=bench-vae-gentrain",
            f"trainer.max_steps={steps}", "trainer.precision=fp32", "wandb.mode=disabled", "trainer.progress=false",
-           f"trainer.sample_every={steps}", f"trainer.ckpt_every={steps}"]
+           f"trainer.sample_every={steps}", f"trainer.ckpt_every={steps}", f"run.seed={seed}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
@@ -388,7 +388,8 @@ def _train_pythae(spec: dict, conn) -> None:
         images = load_images(Path(spec["train"]))
         n, steps, epochs = len(images), spec["steps"], spec["epochs"]
         per_epoch = math.ceil(n / spec["batch"])
-        system = PythaeSystem(spec["batch"], spec["lr"], spec["betas"], epochs=epochs, out_dir=spec["out_dir"])
+        system = PythaeSystem(spec["batch"], spec["lr"], spec["betas"], epochs=epochs, out_dir=spec["out_dir"],
+                              seed=spec.get("seed", 0))
         t0 = time.perf_counter()
         system.pipeline(images.float() / 255.0)
         wall = time.perf_counter() - t0
@@ -438,10 +439,10 @@ def likelihood(spec: dict, steps: int, k: int, root: Path) -> dict:
     epochs = max(1, round(steps * spec["batch"] / n))
     steps = max(1, round(epochs * n / spec["batch"]))
     print(f"[bench-vae] training gentrain for {steps} steps", flush=True)
-    g_train = train_gentrain(train, g_dir, steps, spec["threads"])
+    g_train = train_gentrain(train, g_dir, steps, spec["threads"], spec.get("seed", 0))
     print(f"[bench-vae] training pythae for {epochs} epochs of {n} images", flush=True)
     p_train = train_pythae({**spec, "steps": steps, "epochs": epochs}, p_dir, like=g_dir)
-    out = {"train": {"gentrain": g_train, "pythae": p_train}, "k": k, "eval": {}}
+    out = {"train": {"gentrain": g_train, "pythae": p_train}, "k": k, "seed": spec.get("seed", 0), "eval": {}}
     for name, run_dir in (("gentrain", g_dir), ("pythae", p_dir)):
         metrics = evaluate(run_dir, str(test), root / f"metrics-{name}.json", k=k, seed=0)
         out["eval"][name] = {key: metrics[key] for key in (f"iw_nll_k{k}", "neg_elbo", "recon_nll", "kl",
@@ -452,7 +453,9 @@ def likelihood(spec: dict, steps: int, k: int, root: Path) -> dict:
 
 # ----------------------------------------------------------------------------- report
 def markdown(res: dict) -> str:
-    tp, lines = res["throughput"], []
+    lines = []
+    tp = res.get("throughput") or {"load_avg_1min": [os.getloadavg()[0]], "samples_per_s": {}, "samples_per_cpu_s": {},
+                                   "ratios": {}}
     lines += [f"# gentrain VAE vs pythae {res['pythae_version']} (digits 32x32, ConvVAE latent 16, batch 64, fp32)", "",
               f"`{res['command']}`, {res['threads']} torch thread(s) per process, {res['rounds']} rounds x "
               f"{res['steps_per_round']} steps, wall {res['seconds']:.0f} s; 1-min load average during the rounds "
@@ -487,7 +490,8 @@ def markdown(res: dict) -> str:
 
 def run(quick: bool = False, threads: int = 1, steps: int | None = None, rounds: int | None = None,
         k_steps: int | None = None, iw_k: int | None = None, ablation: bool = False, root: Path | None = None,
-        out_json: Path | None = None, out_md: Path | None = None, command: str = "", nll: bool = True) -> dict:
+        out_json: Path | None = None, out_md: Path | None = None, command: str = "", nll: bool = True,
+        throughput_part: bool = True, seed: int = 0) -> dict:
     t_start = time.perf_counter()
     os.environ["OMP_NUM_THREADS"] = str(threads)
     version = ensure_pythae()
@@ -499,7 +503,7 @@ def run(quick: bool = False, threads: int = 1, steps: int | None = None, rounds:
     preset = load_config(str(PRESET))
     spec = {"threads": threads, "train": str(train), "test": str(test), "root": str(root),
             "batch": int(preset.data.batch_size), "lr": float(preset.optim.lr), "betas": list(preset.optim.betas),
-            "steps": k_steps or (1 if quick else 10), "warmup": 1 if quick else 2}
+            "steps": k_steps or (1 if quick else 10), "warmup": 1 if quick else 2, "seed": seed}
     systems = ["gentrain", "bare", "pythae"]
     if ablation:
         systems[1:1] = ["gentrain_plain"] + [f"gentrain+{k.rsplit('.', 1)[1]}" for k, _, _ in SPEED_OPTIONS]
@@ -508,9 +512,11 @@ def run(quick: bool = False, threads: int = 1, steps: int | None = None, rounds:
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
            "rounds": rounds, "steps_per_round": spec["steps"], "batch_size": spec["batch"],
            "systems": systems, "gentrain_overrides": {s: gentrain_overrides(s) for s in systems if s.startswith("gentrain")}}
-    res["throughput"] = throughput(systems, spec, rounds)
-    res["targets"] = {"throughput_vs_pythae_min": 1.2,
-                      "throughput_met": res["throughput"]["ratios"].get("gentrain/pythae", 0) >= 1.2}
+    res["targets"] = {}
+    if throughput_part:
+        res["throughput"] = throughput(systems, spec, rounds)
+        res["targets"].update({"throughput_vs_pythae_min": 1.2,
+                               "throughput_met": res["throughput"]["ratios"].get("gentrain/pythae", 0) >= 1.2})
     if nll:
         res["likelihood"] = likelihood(spec, steps or (4 if quick else 800), iw_k or (4 if quick else 64), root / "nll")
         res["targets"]["iw_nll_met"] = res["likelihood"]["iw_nll_gentrain_minus_pythae"] <= 0
@@ -532,13 +538,15 @@ def main(argv=None) -> int:
     ap.add_argument("--iw-k", type=int, default=None, help="importance samples of the IW-NLL bound (default 64)")
     ap.add_argument("--ablation", action="store_true", help="also time gentrain with its speed options added one by one")
     ap.add_argument("--no-nll", action="store_true", help="throughput only (no training runs, no IW-NLL)")
+    ap.add_argument("--no-throughput", action="store_true", help="likelihood only")
+    ap.add_argument("--seed", type=int, default=0, help="seed of both likelihood runs (gentrain's run.seed, pythae's seed)")
     ap.add_argument("--root", type=Path, default=None, help="work directory (data, runs)")
     ap.add_argument("--out", type=Path, default=None, help="JSON output (default bench/vae_pythae.json)")
     args = ap.parse_args(argv)
     out_md = args.out.with_suffix(".md") if args.out else None
     res = run(args.quick, args.threads, args.steps, args.rounds, args.k_steps, args.iw_k, args.ablation, args.root,
               args.out, out_md, command="python -m bench.vae_vs_pythae " + " ".join(argv if argv is not None else sys.argv[1:]),
-              nll=not args.no_nll)
+              nll=not args.no_nll, throughput_part=not args.no_throughput, seed=args.seed)
     print(markdown(res))
     return 0
 
