@@ -95,13 +95,15 @@ def to_markdown(results: dict) -> str:
         lines += [f"**Training scaling** (`gentrain launch --nproc-per-node K {scaling['config']}` "
                   f"{' '.join(scaling['overrides'])}: torchrun, gloo, DeepSpeed, the shard reader; same batch per "
                   "process; samples/s from rank 0's metrics.jsonl between its first and last logged step)", "",
-                  "| processes | batch per process | steps timed | seconds | samples/s |", "|---:|---:|---:|---:|---:|"]
+                  "| processes | batch per process | steps timed | seconds | samples/s | load avg before / after |",
+                  "|---:|---:|---:|---:|---:|---:|"]
         for name, j in scaling["jobs"].items():
             if "error" in j:
                 lines.append(f"| {name} | error: {j['error'].splitlines()[-1] if j['error'] else '?'} | | | |")
                 continue
+            load = (f"{j['load_avg_before'][0]:.1f} / {j['load_avg_after'][0]:.1f}" if "load_avg_before" in j else "")
             lines.append(f"| {j['nproc']} | {j['batch_per_process']} | {j['steps_timed']} | {j['seconds_timed']:.1f} | "
-                         f"{j['samples_per_s']:.0f} |")
+                         f"{j['samples_per_s']:.0f} | {load} |")
         if "efficiency_vs_linear" in scaling:
             lines += ["", f"2 processes / 1 process: {scaling['speedup_1_to_2_processes']:.2f}x, efficiency vs "
                           f"linear {scaling['efficiency_vs_linear']:.0%}."]
@@ -131,7 +133,12 @@ def to_markdown(results: dict) -> str:
                   "samples and checkpoints at the preset's cadence)", "",
                   "| process | length | RSS after warm-up | RSS end | peak RSS | slope | flat |",
                   "|---|---:|---:|---:|---:|---:|---|"]
+        notes = []
         for name, r in memory.items():
+            if not isinstance(r, dict):
+                continue
+            if r.get("partial"):
+                notes.append(f"{name}: {r['partial']}.")
             if "error" in r:
                 lines.append(f"| {name} | error: {r['error'].splitlines()[-1] if r['error'] else '?'} | | | | | |")
                 continue
@@ -142,6 +149,7 @@ def to_markdown(results: dict) -> str:
                          f"{r['rss_after_warmup_mib']:.0f} MiB | {r['rss_end_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB | "
                          f"{r['slope_mib_per_1k']:+.2f} MiB/1k {unit}{'es' if unit == 'batch' else 's'} | "
                          f"{'yes' if r['flat'] else 'NO'} |")
+        lines += [""] + notes + ([f"Memory runs: `{memory['command']}`."] if isinstance(memory.get("command"), str) else [])
         lines.append("")
     for part, info in results.get("runs", {}).items():
         if info.get("command") != results["command"]:

@@ -47,13 +47,15 @@ def train_job(work: Path, nproc: int, steps: int, config: str, batch_size: int, 
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.setdefault("WANDB_MODE", "offline")
     started = time.perf_counter()
+    load_before = os.getloadavg()
     proc = subprocess.run([sys.executable, "-m", "launcher.cli", "launch", "--nproc-per-node", str(nproc), config,
                            *args], cwd=ROOT, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         return {"error": f"exit {proc.returncode}: {(proc.stderr or proc.stdout)[-2000:]}"}
     out = _throughput(run_dir / "metrics.jsonl", batch_size, nproc)
-    out.update({"nproc": nproc, "batch_per_process": batch_size, "steps": steps, "wall_s": wall})
+    out.update({"nproc": nproc, "batch_per_process": batch_size, "steps": steps, "wall_s": wall,
+                "load_avg_before": load_before, "load_avg_after": os.getloadavg()})
     return out
 
 
