@@ -10,8 +10,8 @@ seconds of this thread (bench.common):
 * ``reader``: gentrain's ``ShardStream`` (tar -> samples -> shuffle window of 512 -> decode ->
   uint8 [B,C,H,W] batches), num_workers=0, iterated past its shuffle-buffer warm-up, yielding
   channels_last batches (``channels_last=True``: [B,C,H,W] tensors over [B,H,W,C] memory, each
-  JPEG decoded straight into its slot). That is the layout the trainer's channels_last networks
-  (``trainer.channels_last``, on by default) take, and the decoders' own layout.
+  JPEG decoded straight into its slot). That is the layout channels_last networks
+  (``trainer.channels_last``) take, and the decoders' own layout.
 * ``reader_contiguous``: the same with contiguous [B,C,H,W] memory (one HWC -> CHW copy per image).
 * ``raw_decode``: only the decoder the reader uses, on the same encoded bytes already in
   memory (simplejpeg for JPEG, pyspng for PNG; PIL where they are missing): the limit.
