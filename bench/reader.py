@@ -16,7 +16,8 @@ seconds of this thread (bench.common):
 * ``raw_decode``: only the decoder the reader uses, on the same encoded bytes already in
   memory (simplejpeg for JPEG, pyspng for PNG; PIL where they are missing): the limit.
 * ``webdataset``: ``wds.WebDataset(urls, shardshuffle=False).decode("rgb8").to_tuple("jpg;png",
-  "cls")``, batched the same way (stacked [B,H,W,C], viewed as [B,C,H,W]).
+  "cls")``, batched the same way (stacked [B,H,W,C], viewed as [B,C,H,W]); ``webdataset_contiguous``
+  the same batched into contiguous [B,C,H,W] (compared with ``reader_contiguous``).
 """
 from __future__ import annotations
 
@@ -88,6 +89,15 @@ def raw_decoder(fmt: str):
     return "PIL", lambda data: np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+def collate_contiguous(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 [B,C,H,W] in contiguous memory, as the reader's default batches (same copy strategy)."""
+    h, w, c = images[0].shape
+    out = np.empty((len(images), c, h, w), dtype=np.uint8)
+    for i, image in enumerate(images):
+        out[i] = image.transpose(2, 0, 1)
+    return torch.from_numpy(out)
+
+
 def collate_channels_last(images: list[np.ndarray]) -> torch.Tensor:
     """uint8 [B,C,H,W] over [B,H,W,C] memory, as the reader's channels_last batches."""
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2)
@@ -109,17 +119,18 @@ def bench_config(shards: Path, size: int, fmt: str, images: int, rounds: int) ->
                               channels_last=True))
     stream_contiguous = iter(ShardStream(urls, BATCH, image_size=size, channels=3, shuffle_buffer=512, seed=0))
 
-    def wds_batches():
+    def wds_batches(collate):
         group = []  # batches run across passes, as the reader's do
         while True:
             pipeline = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("rgb8").to_tuple("jpg;png", "cls")
             for image, _label in pipeline:
                 group.append(image)
                 if len(group) == BATCH:
-                    yield {"image": collate_channels_last(group)}
+                    yield {"image": collate(group)}
                     group = []
 
-    wds_iter = wds_batches()
+    wds_iter = wds_batches(collate_channels_last)
+    wds_contiguous_iter = wds_batches(collate_contiguous)
     cycle = itertools.cycle(encoded)
 
     def run_reader() -> int:
@@ -142,6 +153,11 @@ def bench_config(shards: Path, size: int, fmt: str, images: int, rounds: int) ->
             next(wds_iter)
         return n_images
 
+    def run_wds_contiguous() -> int:
+        for _ in range(batches):
+            next(wds_contiguous_iter)
+        return n_images
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         # Warm-up: fill the reader's shuffle buffer, open the first shards, touch every byte.
@@ -149,11 +165,13 @@ def bench_config(shards: Path, size: int, fmt: str, images: int, rounds: int) ->
             next(stream)
             next(stream_contiguous)
         next(wds_iter)
+        next(wds_contiguous_iter)
         for data in encoded[:BATCH]:
             decode(data)
         gc.collect()  # the first full collection after importing torch is slow: not in any round
         per_image = interleaved({"reader": run_reader, "raw_decode": run_raw, "webdataset": run_wds,
-                                 "reader_contiguous": run_reader_contiguous}, rounds)
+                                 "reader_contiguous": run_reader_contiguous,
+                                 "webdataset_contiguous": run_wds_contiguous}, rounds)
     return {
         "images_per_round": n_images,
         "rounds": rounds,
@@ -162,7 +180,8 @@ def bench_config(shards: Path, size: int, fmt: str, images: int, rounds: int) ->
         "reader_vs_raw_decode": median_ratio(per_image["raw_decode"], per_image["reader"]),
         "reader_vs_webdataset": median_ratio(per_image["webdataset"], per_image["reader"]),
         "reader_contiguous_vs_raw_decode": median_ratio(per_image["raw_decode"], per_image["reader_contiguous"]),
-        "reader_contiguous_vs_webdataset": median_ratio(per_image["webdataset"], per_image["reader_contiguous"]),
+        "reader_contiguous_vs_webdataset": median_ratio(per_image["webdataset_contiguous"],
+                                                        per_image["reader_contiguous"]),
         "per_round_reader_vs_raw_decode": [a / b for a, b in zip(per_image["raw_decode"], per_image["reader"])],
     }
 

@@ -60,7 +60,8 @@ def to_markdown(results: dict) -> str:
                   "memory, the layout of the decoders and of the trainer's channels_last networks); `contiguous` is "
                   "the same reader yielding contiguous [B,C,H,W] memory (one HWC->CHW copy per image); `raw decode` "
                   "only decodes the same bytes from memory with the same decoder; `webdataset` is "
-                  "`wds.WebDataset(urls).decode(\"rgb8\").to_tuple(...)` batched like `reader`.", "",
+                  "`wds.WebDataset(urls).decode(\"rgb8\").to_tuple(...)` batched like `reader` (and batched contiguously for "
+                  "the `contiguous vs webdataset` column).", "",
                   "| size | format | decoder | reader | contiguous | raw decode | webdataset | reader_vs_raw_decode | "
                   "reader_vs_webdataset | contiguous vs raw | contiguous vs webdataset |",
                   "|---|---|---|---:|---:|---:|---:|---|---|---:|---:|"]
