@@ -18,12 +18,14 @@ a normal end of archive, and webdataset 1.0.2 then silently drops the rest of th
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
 import re
 import tarfile
 import warnings
+import weakref
 from collections import Counter
 from contextlib import closing
 from itertools import islice
@@ -879,13 +881,32 @@ def make_loader(
     )
     worker_options = {"persistent_workers": True, "prefetch_factor": 2,
                       "worker_init_fn": _ignore_stop_signals} if num_workers > 0 else {}
-    return DataLoader(
+    loader = DataLoader(
         dataset,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),  # pinning only helps host-to-GPU copies
         **worker_options,
     )
+    if num_workers > 0:
+        _LIVE_LOADERS.add(loader)
+    return loader
+
+
+# Loaders whose workers must be stopped before interpreter exit (see _stop_live_loaders).
+_LIVE_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_loaders() -> None:
+    """Shut down the workers of loaders still alive at exit. multiprocessing's own exit hook
+    terminate()s daemonic children with SIGTERM, which our workers ignore, and then joins them
+    forever. atexit runs hooks in reverse order of registration and torch imported
+    multiprocessing before this module, so this hook runs first and the workers exit cleanly."""
+    for loader in list(_LIVE_LOADERS):
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:
