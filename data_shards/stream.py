@@ -881,31 +881,37 @@ def make_loader(
     )
     worker_options = {"persistent_workers": True, "prefetch_factor": 2,
                       "worker_init_fn": _ignore_stop_signals} if num_workers > 0 else {}
-    loader = DataLoader(
+    loader = _Loader(
         dataset,
         batch_size=None,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),  # pinning only helps host-to-GPU copies
         **worker_options,
     )
-    if num_workers > 0:
-        _LIVE_LOADERS.add(loader)
     return loader
 
 
-# Loaders whose workers must be stopped before interpreter exit (see _stop_live_loaders).
-_LIVE_LOADERS: "weakref.WeakSet[DataLoader]" = weakref.WeakSet()
+# Live iterators of our loaders, whose workers must stop before interpreter exit (see _stop_workers).
+_ITERATORS: weakref.WeakSet = weakref.WeakSet()
+
+
+class _Loader(DataLoader):
+    """A DataLoader that remembers its iterators (see _stop_workers)."""
+
+    def _get_iterator(self):
+        iterator = super()._get_iterator()
+        _ITERATORS.add(iterator)
+        return iterator
 
 
 @atexit.register
-def _stop_live_loaders() -> None:
-    """Shut down the workers of loaders still alive at exit. multiprocessing's own exit hook
+def _stop_workers() -> None:
+    """Shut down the workers of iterators still alive at exit. multiprocessing's own exit hook
     terminate()s daemonic children with SIGTERM, which our workers ignore, and then joins them
-    forever. atexit runs hooks in reverse order of registration and torch imported
-    multiprocessing before this module, so this hook runs first and the workers exit cleanly."""
-    for loader in list(_LIVE_LOADERS):
-        iterator = getattr(loader, "_iterator", None)
-        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+    forever. atexit runs hooks in reverse order of registration, and torch imported
+    multiprocessing before this module, so this hook runs first."""
+    for iterator in list(_ITERATORS):
+        if hasattr(iterator, "_shutdown_workers"):
             iterator._shutdown_workers()
 
 

@@ -366,9 +366,10 @@ def test_resumed_stream_continues_with_exactly_the_same_batches(digits_dir, num_
 
 def test_a_script_holding_a_loader_with_workers_exits(digits_dir):
     """Workers ignore SIGTERM (SLURM signals them too), which is how multiprocessing stops
-    daemonic children at exit; a script that still holds a loader must not hang there."""
+    daemonic children at exit; a script that still holds a loader, or only its iterator, must not hang there."""
     script = ("import sys\nfrom data_shards.stream import make_loader\n"
-              "loader = make_loader(sys.argv[1], 8, num_workers=1)\nbatch = next(iter(loader))\n")
+              "loader = make_loader(sys.argv[1], 8, num_workers=1)\nbatch = next(iter(loader))\n"
+              "orphan = iter(make_loader(sys.argv[1], 8, num_workers=1))\nbatch = next(orphan)\n")
     proc = subprocess.run([sys.executable, "-c", script, str(digits_dir)], cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
