@@ -174,7 +174,7 @@ class DataFeed:
         seed = cfg.run.seed if same_layout or state is None else cfg.run.seed + 7919 * step
         loader = make_loader(shards, cfg.data.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
                              num_workers=cfg.data.num_workers, seed=seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                             channels=cfg.data.channels, image_size=cfg.data.image_size,
+                             channels=cfg.data.channels, image_size=cfg.data.image_size, channels_last=cfg.trainer.channels_last,
                              start_positions=self.positions, worker_offset=step % workers)
         self._batches = iter(loader)
 
