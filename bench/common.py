@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 
@@ -59,3 +60,20 @@ def interleaved_timed(fns: dict[str, Callable[[], float]], rounds: int, items: i
         for name in names[r % len(names):] + names[: r % len(names)]:
             out[name].append(fns[name]() / items)
     return out
+
+
+def digit_shards(work: Path) -> Path:
+    """scikit-learn's digits as shards under work/digits, built once."""
+    from data_shards.build import build_shards
+
+    shards = Path(work) / "digits"
+    if not (shards / "manifest.json").is_file():
+        build_shards("digits", shards, progress=False)
+    return shards
+
+
+def job_env() -> dict[str, str]:
+    """This process's environment for a child gentrain job, less the torch.distributed variables:
+    the child starts a process group of its own, and the parent's port must not leak in."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import peak_rss_mib, rss_mib
+from bench.common import digit_shards, job_env, peak_rss_mib, rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,19 +98,13 @@ def trainer_run(work: Path, steps: int, batch_size: int = 8, base_channels: int 
                 trace: Path | None = None) -> dict:
     """RSS of a real ``gentrain train`` process over ``steps`` steps (see the module doc).
     ``trace``: also append each (step, RSS MiB, VmHWM MiB, seconds) sample there as it is taken."""
-    from data_shards.build import build_shards
-
-    shards = Path(work) / "digits"
-    if not (shards / "manifest.json").is_file():
-        build_shards("digits", shards, progress=False)
+    shards = digit_shards(work)
     run_dir = Path(work) / f"memory-trainer-{steps}"
     shutil.rmtree(run_dir, ignore_errors=True)
     args = [f"run.dir={run_dir}", f"data.shards={shards}", f"trainer.max_steps={steps}",
             f"data.batch_size={batch_size}", f"model.base_channels={base_channels}", "trainer.progress=false",
             *(overrides or [])]
-    # A fresh process group: the parent's torch.distributed variables (its port) must not leak in.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = job_env()
     env.setdefault("WANDB_MODE", "offline")
     log = run_dir.parent / f"memory-trainer-{steps}.log"
     started = time.perf_counter()
@@ -145,8 +139,7 @@ def run(quick: bool, root: Path, reader_shards: Path, reader_size: int, batches:
     batches = batches or (20 if quick else 4000)
     steps = steps or (30 if quick else 1500)
     results = {}
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = job_env()
     proc = subprocess.run([sys.executable, "-m", "bench.memory", "reader", str(reader_shards), str(reader_size),
                            str(batches)], capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import digit_shards, job_env
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -33,18 +35,13 @@ def _throughput(metrics: Path, batch_per_process: int, nproc: int) -> dict:
 
 
 def train_job(work: Path, nproc: int, steps: int, config: str, batch_size: int, overrides: list[str]) -> dict:
-    from data_shards.build import build_shards
-
-    shards = Path(work) / "digits"
-    if not (shards / "manifest.json").is_file():
-        build_shards("digits", shards, progress=False)
+    shards = digit_shards(work)
     run_dir = Path(work) / f"scaling-{nproc}proc"
     shutil.rmtree(run_dir, ignore_errors=True)
     args = [f"run.dir={run_dir}", f"data.shards={shards}", f"trainer.max_steps={steps}",
             f"data.batch_size={batch_size}", "trainer.progress=false", "trainer.log_every=10",
             f"trainer.ckpt_every={steps}", f"trainer.sample_every={steps}", *overrides]
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = job_env()
     env.setdefault("WANDB_MODE", "offline")
     started = time.perf_counter()
     load_before = os.getloadavg()
