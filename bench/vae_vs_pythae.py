@@ -117,10 +117,14 @@ def _quiet() -> None:
     sys.stdout = sys.stderr = devnull
 
 
-def _threads(n: int) -> None:
+def _worker_setup(threads: int) -> None:
+    """A worker process's start: its thread count, the repository importable, output silenced."""
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     import torch
 
-    torch.set_num_threads(n)
+    torch.set_num_threads(threads)
+    sys.path.insert(0, str(REPO))
+    _quiet()
 
 
 # ----------------------------------------------------------------------------- the systems
@@ -253,10 +257,7 @@ class GentrainSystem:
 def _worker(name: str, spec: dict, conn) -> None:
     """One system in its own process: build, warm up, then run K steps per request."""
     try:
-        os.environ["OMP_NUM_THREADS"] = str(spec["threads"])
-        _threads(spec["threads"])
-        sys.path.insert(0, str(REPO))
-        _quiet()
+        _worker_setup(spec["threads"])
         import torch
 
         images = load_images(Path(spec["train"]))
@@ -379,10 +380,7 @@ def train_gentrain(train: Path, run_dir: Path, steps: int, threads: int, seed: i
 
 def _train_pythae(spec: dict, conn) -> None:
     try:
-        os.environ["OMP_NUM_THREADS"] = str(spec["threads"])
-        _threads(spec["threads"])
-        sys.path.insert(0, str(REPO))
-        _quiet()
+        _worker_setup(spec["threads"])
         from safetensors.torch import save_file
 
         images = load_images(Path(spec["train"]))
