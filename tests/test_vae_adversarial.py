@@ -50,13 +50,13 @@ def test_side_graph_gives_the_last_layer_gradient_of_the_full_graph(arch):
     assert torch.allclose(full, from_side, rtol=1e-5, atol=1e-7)
 
 
-def _train(run_dir, shards, max_steps):
+def _train(run_dir, shards, max_steps, adversarial=True):
     """One process (`gentrain train`, no torchrun: the launch tests cover that), ZeRO-2."""
     return run_gentrain("train", "configs/vae_digits.yaml", f"run.dir={run_dir}",
                         f"data.shards={shards}", "data.batch_size=16", "data.shuffle_buffer=64",
                         "model.base_channels=16", "trainer.zero_stage=2", "trainer.log_every=1",
                         "trainer.sample_every=100", "trainer.ckpt_every=3", "trainer.progress=false",
-                        "loss.adversarial.enabled=true", "loss.adversarial.start_step=2",
+                        f"loss.adversarial.enabled={str(adversarial).lower()}", "loss.adversarial.start_step=2",
                         "loss.adversarial.d_channels=16", "loss.adversarial.r1_gamma=0.1",
                         "loss.diagnostics_every=100", f"trainer.max_steps={max_steps}")
 
@@ -84,3 +84,18 @@ def test_vae_with_the_adversarial_term_trains_logs_and_resumes_exactly(tmp_path,
     assert (final / "disc" / "state").is_dir() and (final / "vae" / "state").is_dir()
     differing = differing_tensors(final, resumed / "checkpoints" / "step-0000006")
     assert not differing, f"{len(differing)} tensors differ after resuming, e.g. {differing[:3]}"
+
+
+@pytest.mark.slow
+def test_switching_the_adversarial_term_on_in_a_resumed_run_starts_its_discriminator_fresh(tmp_path, digit_shards):
+    """A run trained without the term, resumed with it on: the VAE resumes from its checkpoint,
+    the discriminator (which the checkpoint cannot hold) starts as initialised, and the term trains."""
+    run_dir = tmp_path / "run"
+    _train(run_dir, digit_shards, 3, adversarial=False)
+    assert not (run_dir / "checkpoints" / "step-0000003" / "disc").exists()
+    proc = _train(run_dir, digit_shards, 5)
+    assert "resumed from" in proc.stdout and "'disc' starts fresh" in proc.stdout
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 6))
+    assert all("adv/d_loss" in r and math.isfinite(r["adv/d_loss"]) for r in records[3:]), records[3:]
+    assert (run_dir / "checkpoints" / "step-0000005" / "disc" / "state").is_dir()

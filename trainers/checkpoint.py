@@ -97,11 +97,14 @@ class Checkpointer:
             shutil.rmtree(old, ignore_errors=True)
 
     # ---- loading --------------------------------------------------------------------------
-    def load(self, path: Path, engines: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    def load(self, path: Path, engines: dict, may_start_fresh: tuple[str, ...] = ()) -> tuple[dict, dict[str, torch.Tensor]]:
         """Restore engines in place; return this rank's trainer state and the fp32 weights.
 
         At another world size ZeRO's optimizer partitions do not fit, so only the weights are
-        restored and the optimizer starts afresh (said on stdout); counters carry on.
+        restored and the optimizer starts afresh (said on stdout); counters carry on. An engine
+        named in ``may_start_fresh`` that the checkpoint does not hold (a part switched on after
+        it was written, such as the VAE's discriminator) keeps its fresh initialisation; any
+        other missing engine is an error.
         """
         saved_world = json.loads((path / COMPLETE).read_text()).get("world_size", self.dist.world_size)
         same_world = saved_world == self.dist.world_size
@@ -110,6 +113,11 @@ class Checkpointer:
                   f"{self.dist.world_size}: restoring weights, EMA and counters; optimizer state starts afresh",
                   flush=True)
         for name, engine in engines.items():
+            if name in may_start_fresh and not (path / name).is_dir():
+                if self.dist.is_main:
+                    print(f"[gentrain] checkpoint {path.name} has no '{name}' (switched on since it was written): "
+                          f"'{name}' starts fresh", flush=True)
+                continue
             load_path, _ = engine.load_checkpoint(str(path / name), tag=DS_TAG, load_module_only=not same_world,
                                                   load_optimizer_states=same_world,
                                                   load_lr_scheduler_states=same_world)

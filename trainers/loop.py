@@ -235,7 +235,7 @@ def set_numpy_rng_state(state: dict) -> None:
 
 def restore(task, checkpointer: Checkpointer, path: Path, dist_info) -> tuple[int, int, dict | None]:
     """Load a checkpoint into the task and RNGs; return (step, images seen, data state)."""
-    state, weights = checkpointer.load(path, task.engines)
+    state, weights = checkpointer.load(path, task.engines, getattr(task, "engines_that_may_start_fresh", ()))
     torch.set_rng_state(state["torch_rng"])
     random.setstate(state["python_rng"])
     if "numpy_rng" in state:

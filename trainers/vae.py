@@ -119,6 +119,9 @@ class VAETask:
         self.adversary = VAEAdversary(cfg, dist_info, precision) if cfg.loss.adversarial.enabled else None
         if self.adversary is not None:
             self.engines["disc"] = self.adversary.engine  # checkpointed beside the VAE, resumed exactly
+        # Switching the adversarial term on in a run that trained without it: its discriminator
+        # has nothing to resume from and starts as initialised (the VAE resumes exactly).
+        self.engines_that_may_start_fresh = ("disc",)
         self.link = decoder_link(cfg)
         self.dtype = module_dtype(self.engine.module)
         self.noise = torch.Generator(device=dist_info.device).manual_seed(cfg.run.seed * 1000 + dist_info.rank)
