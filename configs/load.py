@@ -13,13 +13,11 @@ from typing import Iterable, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from configs.checks import KIND_CHECKS
+from configs.errors import ConfigError
 from configs.schema import CHOICES, KIND_CHOICES, SCHEMAS
 
 PRESET_DIR = Path(__file__).resolve().parent
-
-
-class ConfigError(ValueError):
-    """A config the user wrote is invalid; the message is one line meant for them."""
 
 
 def dotted_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
@@ -110,7 +108,7 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
 
 
 def validate(cfg: DictConfig) -> None:
-    """Checks the schema's types cannot express: choices and ranges."""
+    """Checks the schema's types cannot express: choices, ranges and the kind's cross-field rules."""
     for key, allowed in {**CHOICES, **KIND_CHOICES.get(cfg.kind, {})}.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and value not in allowed:
@@ -128,6 +126,8 @@ def validate(cfg: DictConfig) -> None:
     shards = cfg.data.shards
     if not isinstance(shards, (str, ListConfig)) or (isinstance(shards, ListConfig) and not len(shards)):
         raise ConfigError("bad value for 'data.shards': give a directory, a brace pattern or a non-empty list")
+    if cfg.kind in KIND_CHECKS:
+        KIND_CHECKS[cfg.kind](cfg)
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -65,7 +65,6 @@ def test_diffusers_export_of_a_conv_vae_is_a_one_line_error(tmp_path):
 
 def test_architecture_mistakes_are_one_line_config_errors():
     from configs import ConfigError, load_config
-    from trainers.vae import check_vae_config
 
     with pytest.raises(ConfigError, match="model.arch.*conv, autoencoder_kl"):
         load_config("vae_digits", ["model.arch=dcgan"])
@@ -74,6 +73,15 @@ def test_architecture_mistakes_are_one_line_config_errors():
     mistakes = {"loss.likelihood=bernoulli": "not logits", "model.norm_num_groups=24": "must divide",
                 "model.block_out_channels=[32,32,32,32,32,32,32]": "divisible by 64",
                 "loss.adversarial.start_step=-1": "start_step"}
-    for override, message in mistakes.items():
+    for override, message in mistakes.items():  # caught when the config loads, before any process starts
         with pytest.raises(ConfigError, match=message):
-            check_vae_config(load_config("vae_kl_digits", [override]))
+            load_config("vae_kl_digits", [override])
+
+
+def test_launch_refuses_a_bad_architecture_combination_before_starting_anything(tmp_path):
+    """`gentrain launch --dry-run` loads the config the way a real launch does: exit 2, one line."""
+    proc = run_gentrain("launch", "--dry-run", "--nproc-per-node", "2", "configs/vae_kl_digits.yaml",
+                        "model.norm_num_groups=24", f"run.dir={tmp_path / 'run'}", check=False)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "must divide" in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "torchrun" not in proc.stdout

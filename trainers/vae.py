@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from configs import ConfigError
+from configs.checks import check_vae
 from models import AutoencoderKLVAE, ConvVAE
 from models.autoencoder_kl import autoencoder_kl_config
 from trainers.distributed import DistInfo
@@ -27,35 +27,9 @@ INTERP_STEPS = 10
 MAX_KL_DIMS_LOGGED = 64  # above this, KL is logged per latent channel (autoencoder_kl), not per dimension
 
 
-def check_vae_config(cfg: DictConfig) -> None:
-    """Checks the schema cannot express (one-line ConfigError each)."""
-    m, adv = cfg.model, cfg.loss.adversarial
-    if m.arch == "autoencoder_kl":
-        if cfg.loss.likelihood == "bernoulli":
-            raise ConfigError("model.arch=autoencoder_kl decodes an image in [-1, 1], not logits: use "
-                              "loss.likelihood=gaussian, l1 or l2")
-        if cfg.loss.learn_scale:
-            raise ConfigError("loss.learn_scale is not supported with model.arch=autoencoder_kl (its weights "
-                              "must load into diffusers' AutoencoderKL as they are)")
-        if not m.block_out_channels or m.latent_channels < 1 or m.layers_per_block < 1:
-            raise ConfigError("model.block_out_channels must be non-empty and model.latent_channels, "
-                              "model.layers_per_block >= 1")
-        if any(c % m.norm_num_groups for c in m.block_out_channels):
-            raise ConfigError(f"model.norm_num_groups={m.norm_num_groups} must divide every entry of "
-                              f"model.block_out_channels={list(m.block_out_channels)}")
-        factor = 2 ** (len(m.block_out_channels) - 1)
-        if cfg.data.image_size % factor:
-            raise ConfigError(f"data.image_size={cfg.data.image_size} must be divisible by {factor} "
-                              f"({len(m.block_out_channels)} levels in model.block_out_channels)")
-    if adv.enabled:
-        if adv.start_step < 0 or adv.weight < 0 or adv.r1_gamma < 0 or adv.max_weight <= 0 or adv.d_channels < 1:
-            raise ConfigError("loss.adversarial: start_step, weight and r1_gamma must be >= 0, max_weight and "
-                              "d_channels > 0")
-
-
 def build_vae(cfg: DictConfig) -> nn.Module:
     """The configured VAE: encode(x in [0, 1]) -> (mean, logvar), decode(z) -> decoder output."""
-    check_vae_config(cfg)
+    check_vae(cfg)  # load_config ran it already; a config built by hand may not have been
     if cfg.model.arch == "autoencoder_kl":
         m = cfg.model
         return AutoencoderKLVAE(autoencoder_kl_config(cfg.data.image_size, cfg.data.channels, m.block_out_channels,
