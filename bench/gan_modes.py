@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -69,25 +70,36 @@ def score(bench: str, npz: Path, shards: Path) -> dict:
     return {"modes": int(s["modes"]), "high_quality": round(s["high_quality"], 4)}
 
 
-def run_bench(bench: str, seeds: int, work: Path, overrides: list[str]) -> dict:
+def run_seed(bench: str, seed: int, work: Path, shards: Path, overrides: list[str]) -> dict:
+    """One seed: train the preset, sample from its EMA generator, score the samples."""
     spec = BENCHES[bench]
-    start = time.perf_counter()
+    env = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}  # small nets: threads only contend
+    run_dir = work / "runs" / f"{bench}-seed{seed}"
+    t0 = time.perf_counter()
+    gentrain("train", spec["preset"], f"run.seed={seed}", f"run.dir={run_dir}", f"data.shards={shards}",
+             "trainer.resume=never", "trainer.progress=false", "wandb.mode=disabled", *overrides, env=env)
+    train_s = time.perf_counter() - t0
+    npz = run_dir / "bench_samples.npz"
+    gentrain("sample", run_dir, "--n", spec["samples"], "--out", npz, "--seed", 1000 + seed, env=env)
+    result = {"seed": seed, **score(bench, npz, shards), "train_seconds": round(train_s, 1),
+              "load_avg_1min": round(os.getloadavg()[0], 2)}
+    print(json.dumps({"bench": bench, **result}), flush=True)
+    return result
+
+
+def default_jobs(bench: str) -> int:
+    """Seeds trained at once: one a core for the MLP benchmarks (one thread each), one for stacked."""
+    return 1 if bench == "stacked" else max(1, os.cpu_count() or 1)
+
+
+def run_bench(bench: str, seeds: int, work: Path, overrides: list[str], jobs: int = 1) -> dict:
+    spec = BENCHES[bench]
+    start, load_start = time.perf_counter(), os.getloadavg()
     shards = work / "data" / spec["source"]
     if not (shards / "manifest.json").exists():
         gentrain("shards", "build", spec["source"], "--out", shards, "--quiet")
-    env = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}  # small nets: threads only contend
-    per_seed = []
-    for seed in range(seeds):
-        run_dir = work / "runs" / f"{bench}-seed{seed}"
-        t0 = time.perf_counter()
-        gentrain("train", spec["preset"], f"run.seed={seed}", f"run.dir={run_dir}", f"data.shards={shards}",
-                 "trainer.resume=never", "trainer.progress=false", "wandb.mode=disabled", *overrides, env=env)
-        train_s = time.perf_counter() - t0
-        npz = run_dir / "bench_samples.npz"
-        gentrain("sample", run_dir, "--n", spec["samples"], "--out", npz, "--seed", 1000 + seed, env=env)
-        result = {"seed": seed, **score(bench, npz, shards), "train_seconds": round(train_s, 1)}
-        per_seed.append(result)
-        print(json.dumps({"bench": bench, **result}), flush=True)
+    with ThreadPoolExecutor(max_workers=max(1, min(jobs, seeds))) as pool:
+        per_seed = list(pool.map(lambda s: run_seed(bench, s, work, shards, overrides), range(seeds)))
     summary = {"modes_mean": statistics.mean(r["modes"] for r in per_seed),
                "modes_min": min(r["modes"] for r in per_seed)}
     if bench == "stacked":
@@ -96,6 +108,9 @@ def run_bench(bench: str, seeds: int, work: Path, overrides: list[str]) -> dict:
         summary["high_quality_mean"] = statistics.mean(r["high_quality"] for r in per_seed)
         summary["high_quality_min"] = min(r["high_quality"] for r in per_seed)
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)  # the whole command: build, train, sample, score
+    summary["jobs"] = jobs
+    summary["load_avg_start"] = [round(x, 2) for x in load_start]
+    summary["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]  # 1, 5, 15 min: the machine is shared
     return {"preset": spec["preset"], "samples": spec["samples"], "overrides": overrides, "seeds": per_seed,
             "summary": summary, "target": TARGETS[bench], "published": PUBLISHED[bench]}
 
@@ -106,7 +121,10 @@ def markdown(results: dict) -> str:
     for bench, r in results.items():
         lines += [f"## {bench} ({r['preset']}, {r['samples']} samples, target: {r['target']})", ""]
         if "wall_seconds" in r["summary"]:
-            lines += [f"{len(r['seeds'])} seed(s) in {r['summary']['wall_seconds'] / 60:.1f} min wall.", ""]
+            jobs = f", {r['summary']['jobs']} at a time" if "jobs" in r["summary"] else ""
+            load = f", load average {r['summary']['load_avg_end'][1]:.1f} (5 min) at the end" \
+                if "load_avg_end" in r["summary"] else ""
+            lines += [f"{len(r['seeds'])} seed(s){jobs} in {r['summary']['wall_seconds'] / 60:.1f} min wall{load}.", ""]
         if bench == "stacked":
             lines += ["| | modes | KL to uniform |", "|---|---|---|"]
             for s in r["seeds"]:
@@ -128,10 +146,13 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--work", default="runs/bench_gan_modes", help="data and run directories")
     p.add_argument("--out", default="bench/gan_modes.json")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="seeds trained at once (default: the CPU count for ring8/grid25, 1 for stacked)")
     p.add_argument("overrides", nargs="*", help="dotted config overrides passed to every run")
     args = p.parse_args(argv)
     out = ROOT / args.out
-    result = run_bench(args.bench, args.seeds, (ROOT / args.work).resolve(), args.overrides)
+    jobs = args.jobs or default_jobs(args.bench)
+    result = run_bench(args.bench, args.seeds, (ROOT / args.work).resolve(), args.overrides, jobs)
     # Read the file only now: another benchmark may have written its entry while this one ran.
     results = json.loads(out.read_text()) if out.exists() else {}
     results[args.bench] = result

@@ -55,6 +55,13 @@ class GANOptimConfig:
     """Generator optimizer."""
     d: OptimizerConfig = field(default_factory=OptimizerConfig)
     """Discriminator optimizer: its own learning rate and betas (TTUR)."""
+    lr_decay: str = "none"
+    """Decay of both learning rates over the last part of training, to let G and D settle on
+    sharp modes: none, linear or cosine (from each optimizer's lr down to lr * lr_decay_final)."""
+    lr_decay_start: float = 0.5
+    """Fraction of trainer.max_steps at which the decay begins (constant lr before it)."""
+    lr_decay_final: float = 0.0
+    """The learning rate at trainer.max_steps, as a fraction of the configured one."""
 
 
 @dataclass
@@ -291,5 +298,5 @@ CHOICES = {
 # Choices that depend on the kind of run.
 KIND_CHOICES = {
     "vae": {"model.arch": ("conv", "autoencoder_kl")},
-    "gan": {"model.arch": ("dcgan", "mlp")},
+    "gan": {"model.arch": ("dcgan", "mlp"), "optim.lr_decay": ("none", "linear", "cosine")},
 }

@@ -40,3 +40,30 @@ def test_bad_gan_options_exit_2_with_one_line(tmp_path, digit_shards, override, 
                         "data.batch_size=16", "trainer.max_steps=1", override, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stdout + proc.stderr
+
+
+def test_lr_decay_follows_the_schedule_and_resumes_bit_exactly(tmp_path):
+    from omegaconf import OmegaConf
+
+    from trainers.checkpoint import differing_tensors
+    from trainers.gan import lr_factor
+
+    shards = tmp_path / "ring8"
+    run_gentrain("shards", "build", "ring8", "--out", shards, "--num-samples", 2000, "--shard-size", 500, "--quiet")
+    common = ("model.g_channels=32", "model.d_channels=32", "data.batch_size=32", "trainer.max_steps=12",
+              "trainer.log_every=1", "trainer.ckpt_every=6", "trainer.sample_every=100", "trainer.progress=false",
+              "optim.lr_decay=cosine", "optim.lr_decay_start=0.25", "optim.lr_decay_final=0.1",
+              "diagnostics.every=0", "wandb.mode=disabled", f"data.shards={shards}")
+    reference, resumed = tmp_path / "reference", tmp_path / "resumed"
+    run_gentrain("train", "configs/gan_ring8.yaml", f"run.dir={reference}", *common)
+    proc = run_gentrain("train", "configs/gan_ring8.yaml", f"run.dir={resumed}", *common,
+                        f"trainer.resume={reference / 'checkpoints' / 'step-0000006'}")
+    assert "resumed from" in proc.stdout
+
+    records = {r["step"]: r for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())}
+    schedule = OmegaConf.create({"lr_decay": "cosine", "lr_decay_start": 0.25, "lr_decay_final": 0.1})
+    for step in (1, 3, 4, 8, 12):
+        assert records[step]["lr_g"] == pytest.approx(1e-3 * lr_factor(schedule, step - 1, 12)), step
+    assert records[12]["lr_g"] < 0.15e-3
+    differing = differing_tensors(reference / "checkpoints" / "step-0000012", resumed / "checkpoints" / "step-0000012")
+    assert not differing, differing[:3]

@@ -20,6 +20,7 @@ ranks (one all-reduce and one broadcast at those steps, on every rank).
 """
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -64,6 +65,20 @@ def d_optim_config(cfg: DictConfig) -> DictConfig:
     return d
 
 
+def lr_factor(optim_cfg: DictConfig, step: int, max_steps: int) -> float:
+    """The multiplier of both learning rates for 0-based step `step` (optim.lr_decay).
+
+    A function of the step alone, so a resumed run sets exactly the rates the uninterrupted
+    one would have (the rates saved in the optimizer state are overwritten every step)."""
+    kind = optim_cfg.lr_decay
+    start = optim_cfg.lr_decay_start * max_steps
+    if kind == "none" or step < start:
+        return 1.0
+    u = min(1.0, (step - start) / max(max_steps - start, 1e-9))
+    shape = 1.0 - u if kind == "linear" else 0.5 * (1.0 + math.cos(math.pi * u))
+    return optim_cfg.lr_decay_final + (1.0 - optim_cfg.lr_decay_final) * shape
+
+
 def check_gan_config(cfg: DictConfig) -> tuple[str, ...]:
     """Checks the schema cannot express; returns the augmentation ops."""
     loss = cfg.loss
@@ -77,6 +92,8 @@ def check_gan_config(cfg: DictConfig) -> tuple[str, ...]:
         ops = parse_ops(OmegaConf.to_object(loss.augment) if OmegaConf.is_config(loss.augment) else loss.augment)
     except ValueError as err:
         raise ConfigError(f"bad value for 'loss.augment': {err}") from None
+    if not 0.0 <= cfg.optim.lr_decay_start <= 1.0 or cfg.optim.lr_decay_final < 0:
+        raise ConfigError("optim.lr_decay_start must be in [0, 1] and optim.lr_decay_final >= 0")
     if ops and cfg.model.arch == "mlp":
         raise ConfigError("loss.augment works on images; the mlp (2-D points) model takes no augmentation")
     return ops
@@ -92,6 +109,7 @@ class GANTask:
         self.g = make_engine(generator, cfg.optim.g, cfg, dist_info, precision)
         self.d = make_engine(discriminator, d_optim_config(cfg), cfg, dist_info, precision)
         self.engines = {"g": self.g, "d": self.d}
+        self.base_lr = {"g": float(cfg.optim.g.lr), "d": float(d_optim_config(cfg).lr)}
         self.g_dtype, self.d_dtype = module_dtype(self.g.module), module_dtype(self.d.module)
         self.d_loss_fn, self.g_loss_fn = D_LOSSES[cfg.loss.loss], G_LOSSES[cfg.loss.loss]
         self.ema = EMA(self.g.module, cfg.loss.ema_halflife_kimg, cfg.loss.ema_rampup) \
@@ -137,9 +155,17 @@ class GANTask:
             values["gp"] = gp
         return total, values
 
+    def _set_lrs(self) -> None:
+        f = lr_factor(self.cfg.optim, self.num_steps, self.cfg.trainer.max_steps)
+        for name, engine in self.engines.items():
+            for group in engine.optimizer.param_groups:
+                group["lr"] = self.base_lr[name] * f
+
     def train_step(self, batch: dict) -> dict[str, float]:
         real_all = self._real(batch)
         n = real_all.shape[0]
+        if self.cfg.optim.lr_decay != "none":
+            self._set_lrs()
         self.num_steps += 1
         self.images_seen += self.images_per_step
         loss_cfg = self.cfg.loss
