@@ -61,8 +61,9 @@ def score(bench: str, npz: Path, shards: Path) -> dict:
 
     data = np.load(npz)
     if bench == "stacked":
-        probe = StackedDigitsProbe(str(shards), 32)
         images = data["images"].transpose(0, 3, 1, 2)  # NHWC -> NCHW
+        # The probe reads the shards at the generator's resolution (the preset's data.image_size).
+        probe = StackedDigitsProbe(str(shards), images.shape[-1])
         s = probe.score(images)
         return {"modes": int(s["modes"]), "kl_to_uniform": round(s["kl_to_real"], 4),
                 "probe_accuracy": round(probe.held_out_accuracy, 4)}
