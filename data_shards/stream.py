@@ -10,10 +10,8 @@ Design points (see ``ShardStream`` for the details):
 * Bad data never raises and is never dropped silently: each skipped sample is counted under a
   reason and reported in the ``skipped`` dict of the next batch.
 
-This module reads tars itself (with the stdlib ``tarfile``, webdataset's key splitting and
-``gopen``) instead of through ``webdataset.tariterators.tar_file_iterator``: Python's
-tarfile reports a tar cut at a member boundary, or one with a garbage header mid-archive, as
-a normal end of archive, and webdataset 1.0.2 then silently drops the rest of the shard.
+Tars are read by :mod:`data_shards.tars` (samples grouped as webdataset groups them, damage
+reported instead of silently ending the shard).
 """
 
 from __future__ import annotations
@@ -23,11 +21,9 @@ import json
 import os
 import random
 import re
-import tarfile
 import warnings
 import weakref
 from collections import Counter
-from contextlib import closing
 from itertools import islice
 from dataclasses import dataclass, field
 from glob import escape as glob_escape, glob
@@ -37,9 +33,7 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.gopen import gopen
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import base_plus_ext
 
 from data_shards.errors import NoValidSamples
 from data_shards.decode import (
@@ -56,14 +50,14 @@ from data_shards.decode import (
     BadSample,
     decode_image,
     decode_image_fast,
+    decode_jpeg_into,
     decode_label,
     decode_points,
 )
+from data_shards.tars import REMOTE_RE as _REMOTE_RE, ShardError, ShardTable, read_shard, shard_samples
 
 SKIP_REASONS = (DECODE_ERROR, BAD_LABEL, TOO_LARGE, TRUNCATED_TAR, MISSING_IMAGE, UNREADABLE_SHARD, DUPLICATE_MEMBER)
-_REMOTE_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # pipe:, s3://, https://; not C:
 _GLOB_CHARS = re.compile(r"[*?\[]")
-_META_RE = re.compile(r"__[^/]*__($|/)")  # the same rule as webdataset's tar_file_iterator
 
 
 # ---------------------------------------------------------------------------- shard specs
@@ -132,340 +126,6 @@ def find_manifest(spec: Any) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-# ---------------------------------------------------------------------------- tar reading
-
-
-class ShardError(Exception):
-    """A shard that could not be read to its end; ``reason`` is a skip reason."""
-
-    def __init__(self, reason: str, url: str, detail: str):
-        super().__init__(f"{reason}: {url}: {detail}")
-        self.reason = reason
-
-
-class _EndRecordingTarInfo(tarfile.TarInfo):
-    """Remembers why tarfile stopped, so that truncation is not mistaken for a clean end.
-
-    tarfile ends iteration silently both on the proper end-of-archive block (EOFHeaderError)
-    and on an archive cut at a header boundary or with a corrupt header mid-way (Empty-,
-    Truncated-, InvalidHeaderError). Only the first is a complete shard.
-    """
-
-    @classmethod
-    def fromtarfile(cls, tar):
-        try:
-            return super().fromtarfile(tar)
-        except tarfile.HeaderError as exn:
-            tar.gentrain_stop = exn
-            raise
-
-
-def read_shard(url: str) -> Iterator[dict]:
-    """Yield the samples of one tar, in order, as ``{"__key__", "__url__", ext: bytes, ...}``.
-
-    Members are grouped into samples by key exactly as webdataset does (``base_plus_ext``,
-    lower-cased extensions, ``__*__`` metadata members ignored). A repeated member is dropped
-    and counted in the sample's ``__duplicates__``.
-
-    A local, uncompressed shard of plain members (what ``build_shards`` and most tar writers
-    produce) is read whole and split by a header scan that is several times cheaper than
-    ``tarfile``'s; any shard the scan does not fully vouch for (remote, compressed, damaged,
-    pax/GNU extensions, links, ...) is read with ``tarfile``, as before.
-
-    Raises:
-        ShardError: after the last complete sample, if the shard could not be opened
-            (``unreadable_shard``) or is damaged (``truncated_tar``). The sample being read
-            when the damage was found is dropped, since its members may be incomplete.
-    """
-    scanned = _scan_local_tar(url)
-    if scanned is not None:  # _group_members, inlined: this loop runs once per member
-        buf, members = scanned
-        current: dict | None = None
-        current_key = None
-        for key, ext, start, end in members:
-            if key == current_key:
-                if ext in current:
-                    current["__duplicates__"] = current.get("__duplicates__", 0) + 1
-                else:
-                    current[ext] = buf[start:end]
-                continue
-            if current is not None:
-                yield current
-            current_key = key
-            current = {"__key__": key, "__url__": url, ext: buf[start:end]}
-        if current is not None:
-            yield current
-        return
-    try:
-        stream = gopen(url, "rb")
-    except Exception as exn:
-        raise ShardError(UNREADABLE_SHARD, url, str(exn)) from None
-    with closing(stream):
-        yield from _group_members(url, _tarfile_members(url, stream))
-
-
-def _group_members(url: str, members: Iterator[tuple[str, str, bytes]]) -> Iterator[dict]:
-    """Group consecutive (key, ext, bytes) members into samples; a ShardError from ``members``
-    propagates after the last complete sample (the one being assembled is dropped)."""
-    current: dict | None = None
-    for key, ext, data in members:
-        if current is not None and current["__key__"] == key:
-            if ext in current:
-                current["__duplicates__"] = current.get("__duplicates__", 0) + 1
-            else:
-                current[ext] = data
-            continue
-        if current is not None:
-            yield current
-        current = {"__key__": key, "__url__": url, ext: data}
-    if current is not None:
-        yield current
-
-
-def _tarfile_members(url: str, stream) -> Iterator[tuple[str, str, bytes]]:
-    """Sample members of a tar read with ``tarfile`` (any format, any source gopen opens)."""
-    try:
-        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndRecordingTarInfo)
-        for info in tar:
-            member = _read_member(tar, info)
-            tar.members = []  # streaming mode keeps every TarInfo otherwise
-            if member is not None:
-                yield member
-        stop = getattr(tar, "gentrain_stop", None)
-    except Exception as exn:  # tarfile.ReadError, EOFError, zlib.error, OSError, ...
-        raise ShardError(TRUNCATED_TAR, url, f"{type(exn).__name__}: {exn}") from None
-    if not isinstance(stop, tarfile.EOFHeaderError):
-        raise ShardError(TRUNCATED_TAR, url, f"no end-of-archive marker ({type(stop).__name__})")
-
-
-_FAST_TAR_MAX_BYTES = 1 << 30  # larger local shards are streamed through tarfile instead
-_COMPRESSED_SUFFIXES = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".lz4")
-_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
-_REG, _AREG, _DIR = ord("0"), 0, ord("5")
-
-
-def _scan_local_tar(url: str) -> tuple[bytes, list[tuple[str, str, int, int]]] | None:
-    """(shard bytes, [(key, ext, start, end)] of its sample members) for a plain local tar,
-    or None where ``tarfile`` must read it.
-
-    Accepts only what it can vouch for exactly as ``tarfile`` would read it: regular files and
-    directories (ustar/v7/GNU headers with octal fields and valid checksums, all verified at
-    once with numpy), each member complete, ending with an end-of-archive block. Member names
-    go through the same rules as :func:`_read_member`.
-    """
-    if _REMOTE_RE.match(url) or url.endswith(_COMPRESSED_SUFFIXES):
-        return None
-    try:
-        if not 0 < os.path.getsize(url) <= _FAST_TAR_MAX_BYTES:
-            return None
-        with open(url, "rb") as f:
-            buf = f.read()
-    except OSError:
-        return None  # let gopen report it
-    members = _index_ustar(buf)
-    if members is not None:
-        return buf, members
-    found = _walk_tar(buf)
-    if found is None:
-        return None
-    members = []
-    for name, start, end in found:
-        key, ext = _split_name(name)
-        if key is not None:
-            members.append((key, ext.lower(), start, end))
-    return buf, members
-
-
-_USTAR_TAIL = np.frombuffer(b"star", dtype=np.uint8)
-
-
-def _octal_fields(fields: np.ndarray) -> np.ndarray | None:
-    """Values of [N, W] tar number fields as tarfile's ``nti`` reads them (octal digits up to
-    the first NUL), or None if any field is not just that (spaces, base-256, garbage)."""
-    digits = fields - np.uint8(ord("0"))  # non-digits wrap to >= 8
-    width = fields.shape[1]
-    for n in (width - 1, width - 2):  # the usual: n digits, then NUL ("%011o\0", "%06o\0 ")
-        if (fields[:, n] == 0).all() and (digits[:, :n] < 8).all():
-            return digits[:, :n].astype(np.int64) @ (8 ** np.arange(n - 1, -1, -1, dtype=np.int64))
-    before = ~np.logical_or.accumulate(fields == 0, axis=1)  # bytes before the first NUL
-    if (before & (digits > 7)).any():
-        return None
-    shift = 3 * (before.sum(1)[:, None] - 1 - np.arange(width))
-    return np.where(before, digits.astype(np.int64) << np.maximum(shift, 0), 0).sum(1)
-
-
-_LOW_BYTES = np.uint64(0x00FF00FF00FF00FF)
-
-
-def _index_ustar(buf: bytes) -> list[tuple[str, str, int, int]] | None:
-    """[(key, ext, start, end)] of the sample members of a ustar/GNU tar of regular files
-    only (names split as :func:`_split_name` does), found with numpy: the
-    blocks carrying the "ustar" magic must chain exactly from the first block (each header's
-    size pointing at the next) to an end-of-archive block, with valid checksums and plain
-    octal fields. None where it cannot vouch for that (then :func:`_walk_tar` decides)."""
-    n_blocks = len(buf) // 512
-    if n_blocks < 2:
-        return None
-    blocks = np.frombuffer(buf, dtype=np.uint8, count=n_blocks * 512).reshape(n_blocks, 512)
-    heads = np.flatnonzero(blocks[:, 257] == ord("u"))
-    if heads.size:
-        heads = heads[(blocks[heads, 258:262] == _USTAR_TAIL).all(1)]
-    if not heads.size or heads[0] != 0:
-        return None
-    kinds = blocks[heads, 156]
-    if not ((kinds == _REG) | (kinds == _AREG)).all() or blocks[heads, 345].any():
-        return None  # directories, links, extensions, prefixed long names: the walk's business
-    sizes = _octal_fields(blocks[heads, 124:136])
-    checksum_fields = blocks[heads, 148:156]
-    wanted = _octal_fields(checksum_fields)
-    if sizes is None or wanted is None:
-        return None
-    following = heads + 1 + (sizes + 511) // 512
-    end = int(following[-1])
-    if not (np.array_equal(following[:-1], heads[1:]) and end < n_blocks and not blocks[end].any()):
-        return None
-    # Checksums: byte sums of whole headers, two bytes at a time in 16-bit lanes of uint64 words.
-    words = blocks.view(np.uint64)[heads]
-    lanes = ((words & _LOW_BYTES) + ((words >> np.uint64(8)) & _LOW_BYTES)).sum(1)
-    total = sum((lanes >> np.uint64(s)) & np.uint64(0xFFFF) for s in (0, 16, 32, 48)).astype(np.int64)
-    unsigned = total - checksum_fields.sum(1, dtype=np.int64) + 256
-    if not (unsigned == wanted).all() and not _checksums_match(blocks[heads], wanted):
-        return None
-    starts = (heads * 512 + 512).tolist()
-    name_bytes = blocks[heads, :100]
-    fast = _split_names_ascii(name_bytes)
-    if fast is not None:  # every name a plain ASCII "dir/key.ext": split with numpy
-        keys, exts, dots = fast
-        return [(key, ext, start, start + size) for key, ext, start, size in zip(keys, exts, starts, sizes.tolist())]
-    names = name_bytes.copy().view("S100").ravel().tolist()  # trailing NULs dropped
-    members = []
-    append = members.append
-    for raw, offset, size in zip(names, starts, sizes.tolist()):
-        if b"\0" in raw:
-            raw = raw.split(b"\0", 1)[0]
-        name = raw.decode("utf-8", "surrogateescape")
-        if name[-1:] == "/" and buf[offset - 512 + 156] == _AREG:
-            return None  # tarfile reads that as a directory (old V7 style)
-        key, ext = _split_name(name)
-        if key is not None:
-            append((key, ext.lower(), offset, offset + size))
-    return members
-
-
-_COLUMNS = np.arange(100)
-
-
-def _split_names_ascii(names: np.ndarray) -> tuple[list[str], list[str], np.ndarray] | None:
-    """(keys, lower-cased extensions, dot positions) of [N, 100] NUL-padded member names, where
-    every name is printable ASCII of the usual "dir/key.ext" form (what :func:`_split_name`
-    splits with string operations); None otherwise."""
-    used = names != 0
-    length = used.sum(1)
-    if (used & (_COLUMNS >= length[:, None])).any():
-        return None  # a NUL inside a name
-    if ((names < 32) | (names > 126)).sum() != (~used).sum():
-        return None  # non-ASCII or control characters (newlines) besides the NUL padding
-    if ((names[:, 0] == ord("_")) & (names[:, 1] == ord("_"))).any():
-        return None  # "__meta__" names and friends
-    slash = np.where(names == ord("/"), _COLUMNS, -1).max(1) + 1  # start of the base name
-    dots = (names == ord(".")) & (_COLUMNS > slash[:, None])
-    dot = np.where(dots.any(1), dots.argmax(1), -1)
-    if not (dot > slash).all():
-        return None  # no extension, or a base name starting with a dot
-    upper = (names >= ord("A")) & (names <= ord("Z")) & (_COLUMNS > dot[:, None])
-    lowered = np.where(upper, names + 32, names)
-    keys_padded = np.where(_COLUMNS < dot[:, None], names, 0).copy().view("S100").ravel()
-    exts = np.where(_COLUMNS > dot[:, None], lowered, 0)
-    exts = np.roll(exts, 0)  # extensions start right after the dot: shift each row left
-    shift = (dot + 1)[:, None] + _COLUMNS
-    exts = np.take_along_axis(exts, np.minimum(shift, 99), axis=1)
-    exts[shift > 99] = 0
-    ext_list = [e.decode("ascii") for e in exts.copy().view("S100").ravel().tolist()]
-    key_list = [k.decode("ascii") for k in keys_padded.tolist()]
-    return key_list, ext_list, dot
-
-
-def _checksums_match(header: np.ndarray, wanted: np.ndarray) -> bool:
-    """Header checksums as tarfile verifies them (unsigned sum, or the signed one old tars wrote)."""
-    unsigned = header.sum(1, dtype=np.int64) - header[:, 148:156].sum(1, dtype=np.int64) + 256
-    odd = np.flatnonzero(wanted != unsigned)
-    if odd.size:
-        signed = header[odd].view(np.int8)
-        signed = signed.sum(1, dtype=np.int64) - signed[:, 148:156].sum(1, dtype=np.int64) + 256
-        return bool((wanted[odd] == signed).all())
-    return True
-
-
-def _walk_tar(buf: bytes) -> list[tuple[str, int, int]] | None:
-    """[(name, start, end)] of a plain tar's members, header by header; None where tarfile must decide."""
-    length = len(buf)
-    headers: list[int] = []
-    checksums: list[int] = []
-    found: list[tuple[str, int, int]] = []
-    offset = 0
-    try:
-        while True:
-            if offset + 512 > length:
-                return None  # truncated: tarfile reports it
-            block = buf[offset : offset + 512]
-            if block == _ZERO_BLOCK:
-                break
-            kind = block[156]
-            if kind not in (_REG, _AREG, _DIR) or block[124] & 0x80 or block[148] & 0x80:
-                return None  # links, pax/GNU extensions, sparse, base-256 numbers: tarfile's business
-            # Fields as tarfile's nts/nti read them: up to the first NUL, then octal.
-            checksums.append(int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8))
-            headers.append(offset)
-            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-            data_start = offset + 512
-            if kind == _DIR or (kind == _AREG and name.endswith("/")):  # tarfile: V7 directory
-                offset = data_start  # tarfile skips no data after a directory
-                continue
-            size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            if size < 0 or data_start + size > length:
-                return None
-            if block[345]:
-                prefix = block[345:500].split(b"\0", 1)[0]
-                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
-            found.append((name, data_start, data_start + size))
-            offset = data_start + (size + 511) // 512 * 512
-    except ValueError:
-        return None  # a non-octal field: tarfile calls that an invalid header
-    if headers:
-        blocks = np.frombuffer(buf, dtype=np.uint8, count=(offset // 512) * 512).reshape(-1, 512)
-        if not _checksums_match(blocks[np.asarray(headers) // 512], np.asarray(checksums, dtype=np.int64)):
-            return None
-    return found
-
-
-def _split_name(name: str) -> tuple[str | None, str | None]:
-    """(key, ext) of a member name as :func:`_read_member` splits it; (None, None) to skip.
-
-    The usual "dir/key.ext" (a key not starting with a dot, no newline, not ``__meta__``) is
-    split with string operations, which give what base_plus_ext's regex gives for such names;
-    anything else goes through the regex itself.
-    """
-    slash = name.rfind("/") + 1
-    dot = name.find(".", slash)
-    if dot > slash and not name.startswith("__") and "\n" not in name:
-        return name[:dot], name[dot + 1 :]
-    if _META_RE.match(name):
-        return None, None
-    return base_plus_ext(name)
-
-
-def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[str, str, bytes] | None:
-    """(key, extension, bytes) of a regular member, or None for members that are not sample data."""
-    if not info.isreg():
-        return None
-    if _META_RE.match(info.name):
-        return None  # webdataset's metadata members (__index__ and the like) are not samples
-    key, ext = base_plus_ext(info.name)
-    if key is None:
-        return None
-    return key, ext.lower(), tar.extractfile(info).read()
-
-
 # ---------------------------------------------------------------------------- samples
 
 
@@ -484,6 +144,7 @@ class _SampleDecoder:
         self.dim: int | None = None  # points dimension
         self.target: tuple[int, int] | None = None  # (height, width), once channels and size are known
         self.buffer: np.ndarray | None = None  # where the fast JPEG path may write the next image (HWC)
+        self.direct_jpeg = False  # whether plain JPEGs of the target size may go straight into the buffer
 
     def __call__(self, raw: dict) -> tuple[np.ndarray, int]:
         """(value, label) of a raw sample; raises BadSample. ``value`` may be a view of a buffer
@@ -505,10 +166,34 @@ class _SampleDecoder:
                     self.channels = value.shape[2]
                     self.size = self.size or (value.shape[0], value.shape[1])
                     self.target = _target_hw(self.size)
+                    # decode_image_fast's own condition for decoding into the buffer (3 channels,
+                    # an image of the target size within max_pixels), fixed from here on.
+                    self.direct_jpeg = self.channels == 3 and self.target[0] * self.target[1] <= self.max_pixels
         else:
             value = decode_points(raw[payload_ext], self.dim)
             self.dim = value.shape[0]
         self.kind = kind
+        return value, label
+
+    def row(self, record: tuple) -> tuple[np.ndarray, int]:
+        """What ``self(table.sample(i))`` returns for a ShardTable record (see
+        ``ShardTable.records``), without building the sample's dict once the stream's image
+        target is known: from then on ``self.kind`` is "image", the payload is the table's
+        image member and the label its parsed .cls."""
+        buf, start, end, label, plain, _, table, i = record
+        if self.target is None or table.image_ext is None:
+            return self(table.sample(i))
+        if label is None:
+            decode_label(table.sample(i)["cls"])  # raises BadSample, with the label in its message
+        data = buf[start:end]
+        buffer = self.buffer
+        if plain and self.direct_jpeg and buffer is not None:
+            value = decode_jpeg_into(data, buffer)
+            if value is not None:
+                return value, label
+        value = decode_image_fast(data, self.channels, self.target, self.max_pixels, buffer)
+        if value is None:
+            value = decode_image(data, table.image_ext, self.channels, self.size, self.max_pixels)
         return value, label
 
 
@@ -705,6 +390,7 @@ class ShardStream(IterableDataset):
                 stats.skipped[reason] += 1
 
         raw_samples = self._raw_samples(pass_index, slot, num_slots, share_all, stats, count)
+        row = decoder.row
         w = 0
         while True:
             # Shard damage found while filling window w is counted iff window w - 1 was.
@@ -718,6 +404,15 @@ class ShardStream(IterableDataset):
                     order = random.Random(f"{self.seed}:{slot}:{pass_index}:{w}").sample(order, len(window))
                 for j in range(first_offset if w == first_window else 0, len(window)):
                     raw = window[order[j]]
+                    if type(raw) is tuple:  # a ShardTable record: no dict, no duplicates
+                        try:
+                            value, label = row(raw)
+                        except BadSample as bad:
+                            count(bad.reason)
+                            continue
+                        stats.valid += 1
+                        yield value, label, raw[5], raw[6].url, (pass_index, w, j, share_all)
+                        continue
                     if "__duplicates__" in raw:
                         for _ in range(raw.pop("__duplicates__")):
                             count(DUPLICATE_MEMBER)
@@ -730,17 +425,26 @@ class ShardStream(IterableDataset):
                     yield value, label, raw["__key__"], raw["__url__"], (pass_index, w, j, share_all)
             w += 1
 
-    def _raw_samples(self, pass_index, slot, num_slots, share_all, stats, count) -> Iterator[dict]:
-        """This slot's undecoded samples of one pass, its shards in a seeded order."""
+    def _raw_samples(self, pass_index, slot, num_slots, share_all, stats, count) -> Iterator[dict | tuple]:
+        """This slot's undecoded samples of one pass, its shards in a seeded order: read_shard's
+        dicts, or (ShardTable, index) pairs for shards indexed as tables."""
         shards = self._slot_urls(slot, num_slots, share_all)
         random.Random(f"{self.seed}:{pass_index}:{slot}").shuffle(shards)
         interleave = len(self.urls) < num_slots and not share_all
         for k, url in shards:
             try:
-                if not interleave:
-                    yield from read_shard(url)
+                source = shard_samples(url)
+                if isinstance(source, ShardTable):  # complete by construction: no ShardError
+                    picked = range(len(source))
+                    if interleave:  # sample j is this slot's iff (k + j) % num_slots == slot
+                        picked = range((slot - k) % num_slots, len(source), num_slots)
+                        stats.foreign += len(source) - len(picked)
+                    yield from source.records(picked)
                     continue
-                for j, raw in enumerate(read_shard(url)):
+                if not interleave:
+                    yield from source
+                    continue
+                for j, raw in enumerate(source):
                     if (k + j) % num_slots != slot:
                         stats.foreign += 1
                         continue

@@ -16,7 +16,7 @@ from PIL import Image
 
 from data_shards import decode
 from data_shards.decode import BadSample, decode_image
-from data_shards.stream import _group_members, _scan_local_tar, _tarfile_members, read_shard
+from data_shards.tars import _group_members, _scan_local_tar, _tarfile_members, read_shard
 
 pytestmark = pytest.mark.skipif(decode._simplejpeg is None, reason="simplejpeg not installed")
 
@@ -166,7 +166,7 @@ def test_tar_scan_refuses_damage(tmp_path):
 def test_member_name_split_matches_webdataset(name):
     from webdataset.tariterators import base_plus_ext
 
-    from data_shards.stream import _META_RE, _split_name
+    from data_shards.tars import _META_RE, _split_name
 
     expected = (None, None) if _META_RE.match(name) else base_plus_ext(name)
     assert _split_name(name) == expected
@@ -250,3 +250,107 @@ NAMES = ["000.jpg", "a/000.jpg", "a/b/000.tar.gz.JPG", "x/.hidden", ".hidden", "
 def test_tar_index_splits_names_like_tarfile(tmp_path, names):
     path = write_tar(tmp_path / "n.tar", [(name, f"{i}".encode()) for i, name in enumerate(names)])
     assert list(read_shard(str(path))) == by_tarfile(path)
+
+
+# ---------------------------------------------------------------------------- plain JPEGs, tables
+
+
+def odd_jpegs() -> dict[str, tuple[bytes, bool]]:
+    """name -> (JPEG bytes, whether plain_jpegs must call it plain)."""
+    base = jpeg(photo(64, 64, seed=1))
+    out = {"plain": (base, True), "grey": (jpeg(photo(64, 64), "L"), True),
+           "progressive": (jpeg(photo(64, 64), progressive=True), True),
+           "444": (jpeg(photo(64, 64), subsampling=0, quality=95), True),
+           "truncated_data": (base[: len(base) // 2], True),  # header intact: the decode fails instead
+           "cmyk": (jpeg(photo(64, 64), "CMYK"), False), "png": (png(photo(64, 64), "RGB"), False),
+           "garbage": (base[:3] + b"\0" * 300, False), "cut_header": (base[:40], False)}
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(photo(64, 64)).save(buf, "JPEG", exif=exif)
+    out["exif"] = (buf.getvalue(), True)
+    buf = io.BytesIO()
+    Image.fromarray(photo(64, 64)).save(buf, "JPEG", keep_rgb=True)  # Adobe marker, RGB coded
+    out["adobe_rgb"] = (buf.getvalue(), False)
+    out["app14"] = (base[:2] + b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x01" + base[2:], False)
+    sof = bytearray(base)
+    at = sof.find(b"\xff\xc0")
+    sof[at + 10], sof[at + 13], sof[at + 16] = 82, 71, 66  # component ids "R", "G", "B"
+    out["rgb_ids"] = (bytes(sof), False)
+    out["fill_byte"] = (base[:2] + b"\xff" + base[2:], False)  # legal, but libjpeg's business
+    return out
+
+
+def test_plain_jpegs_are_exactly_the_grey_and_ycbcr_ones():
+    cases = odd_jpegs()
+    data, starts, ends = b"", [], []
+    for payload, _ in cases.values():
+        starts.append(len(data) + 7)
+        data += b"pad" * 2 + b"x" + payload  # payloads at odd offsets in one buffer
+        ends.append(len(data))
+    data += bytes(512)
+    got = decode.plain_jpegs(data, starts, ends)
+    assert dict(zip(cases, got)) == {name: want for name, (_, want) in cases.items()}
+    for (payload, want), flag in zip(cases.values(), got):
+        if flag:  # plain implies the colour spaces decode_image_fast lets simplejpeg decode
+            assert decode._simplejpeg.decode_jpeg_header(payload)[2] in ("Gray", "YCbCr")
+    # Many layouts in one shard: the per-layout bulk check and the image-by-image walk agree.
+    many = [jpeg(photo(64, 64, seed=i), quality=40 + 5 * i) for i in range(9)] + [cases["cmyk"][0]] * 2
+    data = b"".join(many) + bytes(512)
+    offsets = np.cumsum([0] + [len(m) for m in many]).tolist()
+    assert decode.plain_jpegs(data, offsets[:-1], offsets[1:]) == [True] * 9 + [False] * 2
+
+
+def test_decode_jpeg_into_is_decode_image_fast_for_plain_images_of_the_buffer_size():
+    buffer = np.empty((64, 64, 3), np.uint8)
+    for name, (payload, plain) in odd_jpegs().items():
+        if not plain:
+            continue
+        got = decode.decode_jpeg_into(payload, buffer)
+        ref = decode.decode_image_fast(payload, 3, (64, 64), buffer=np.empty((64, 64, 3), np.uint8))
+        if ref is None:
+            assert got is None, name
+        else:
+            assert got is not None and np.array_equal(got, ref) and np.array_equal(ref, pil_reference(payload, 3, 64))
+    for other in (jpeg(photo(40, 50)), jpeg(photo(32, 128)), jpeg(photo(130, 130))):  # smaller, same bytes, larger
+        assert decode.decode_jpeg_into(other, buffer) is None
+
+
+def test_labels_are_parsed_in_bulk_as_decode_label_parses_each():
+    from data_shards.decode import decode_label
+    from data_shards.tars import _parse_labels
+
+    for labels in ([b"0", b"7", b"123456789012345678"], [b"3", b" 12\n", b"x", b"", b"1" * 19, b"-1", b"\xd9\xa3"]):
+        data = b"".join(labels)
+        ends = np.cumsum([len(x) for x in labels]).tolist()
+        want = []
+        for x in labels:
+            try:
+                want.append(decode_label(x))
+            except BadSample:
+                want.append(None)
+        assert _parse_labels(data, [0] + ends[:-1], ends) == want
+
+
+def test_uniform_shards_become_tables_that_read_as_tarfile_does(tmp_path):
+    from data_shards.tars import ShardTable, _scan
+
+    members = [(f"d/{i:03d}.{ext}", f"{ext}{i}".encode()) for i in range(5) for ext in ("cls", "jpg", "json")]
+    path = write_tar(tmp_path / "u.tar", members)
+    table = _scan(str(path))
+    assert isinstance(table, ShardTable) and list(table.spans) == ["cls", "jpg", "json"]
+    assert list(read_shard(str(path))) == by_tarfile(path)
+    # Not uniform: a member missing, a repeated sample key, members out of order -> the grouping loop.
+    for broken in (members[:-1], members[:3] + members[:3], members[1:2] + members[:1] + members[2:]):
+        path = write_tar(tmp_path / "n.tar", broken)
+        assert not isinstance(_scan(str(path)), ShardTable)
+        assert list(read_shard(str(path))) == by_tarfile(path)
+
+
+def test_a_rewritten_shard_is_indexed_afresh(tmp_path):
+    path = tmp_path / "r.tar"
+    write_tar(path, [("k0.cls", b"1"), ("k0.jpg", b"a"), ("k1.cls", b"2"), ("k1.jpg", b"b")])
+    assert [s["cls"] for s in read_shard(str(path))] == [b"1", b"2"]
+    assert [s["cls"] for s in read_shard(str(path))] == [b"1", b"2"]  # from the cached index
+    write_tar(path, [("k0.cls", b"3"), ("k0.jpg", b"a"), ("k1.cls", b"44"), ("k1.jpg", b"b")])
+    assert [s["cls"] for s in read_shard(str(path))] == [b"3", b"44"]

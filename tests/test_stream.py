@@ -373,3 +373,79 @@ def test_a_script_holding_a_loader_with_workers_exits(digits_dir):
     proc = subprocess.run([sys.executable, "-c", script, str(digits_dir)], cwd=Path(__file__).parents[1],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ---------------------------------------------------------------------------- the table fast path
+
+
+def jpeg_bytes(h=64, w=64, seed=0, mode="RGB", **save) -> bytes:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(x / 7.0 + c + seed) * 60 + np.cos(y / 5.0 - c) * 50 + 128 for c in range(3)], axis=-1)
+    img = Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def mixed_jpeg_shards(tmp_path_factory) -> Path:
+    """Uniform cls+jpg shards (tables) full of odd samples, and one non-uniform shard."""
+    out = tmp_path_factory.mktemp("mixed")
+    good = [jpeg_bytes(seed=i) for i in range(30)]
+    odd = [jpeg_bytes(mode="CMYK"), jpeg_bytes(mode="L"), jpeg_bytes(40, 50), jpeg_bytes(32, 128),
+           jpeg_bytes(200, 210), jpeg_bytes(progressive=True), good[0][:800], good[1][:3] + os.urandom(300),
+           png_bytes((64, 64), "RGB"), png_bytes((30, 70), "L"), png_header_only(20000, 20000)]
+    labels = [b"x1", b"", b" 12\n", b"1" * 19]
+    samples = [(f"g{i:02d}", [("cls", str(i % 7).encode()), ("jpg", data)]) for i, data in enumerate(good[:20])]
+    samples += [(f"o{i:02d}", [("cls", b"3"), ("jpg", data)]) for i, data in enumerate(odd)]
+    samples += [(f"l{i}", [("cls", label), ("jpg", good[20 + i])]) for i, label in enumerate(labels)]
+    order = np.random.default_rng(0).permutation(len(samples))
+    samples = [samples[i] for i in order]
+    write_tar(out / "shard-000000.tar", samples[:18])
+    write_tar(out / "shard-000001.tar", samples[18:])
+    write_tar(out / "shard-000002.tar", [("n0", [("jpg", good[25])]), ("n1", [("cls", b"2")]),
+                                         ("n2", [("jpg", good[26]), ("jpg", good[27]), ("cls", b"4")])])
+    return out
+
+
+def batches_of(spec, n, **options) -> list[dict]:
+    batches = list(islice(iter(make_loader(spec, seed=4, return_keys=True, **options)), n))
+    return [{k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in b.items()} for b in batches]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("options", [
+    dict(batch_size=4, shuffle_buffer=8, image_size=64, channels=3, channels_last=True),
+    dict(batch_size=3, shuffle_buffer=8, image_size=64, channels=3),
+    dict(batch_size=5, shuffle_buffer=0),
+    dict(batch_size=4, shuffle_buffer=6, image_size=48, channels=1, channels_last=True),
+    dict(batch_size=3, shuffle_buffer=8, image_size=64, channels=3, rank=1, world_size=2, channels_last=True),
+    dict(batch_size=2, shuffle_buffer=4, image_size=64, channels=3, rank=2, world_size=5),  # interleaved
+])
+def test_tables_give_exactly_what_per_sample_dicts_give(mixed_jpeg_shards, monkeypatch, options):
+    """Shards read as ShardTables (bulk index, labels and JPEG checks, decode into the batch)
+    yield the same batches, skips and positions as the same shards read sample dict by sample
+    dict (the general path); resuming mid-pass too."""
+    from data_shards import tars
+
+    def run():
+        batches = batches_of(mixed_jpeg_shards, 40, **options)
+        return batches, batches_of(mixed_jpeg_shards, 30, start_positions={0: batches[9]["__position__"]}, **options)
+
+    fast, fast_resumed = run()
+    with monkeypatch.context() as patch:
+        patch.setattr(tars.ShardTable, "build", classmethod(lambda *args: None))
+        tars._TABLE_CACHE.clear()
+        slow, slow_resumed = run()
+    assert sum(sum(b["skipped"].values()) for b in fast) > 0
+    for got, want in ((fast, slow), (fast_resumed, slow_resumed)):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.keys() == b.keys()
+            for key in a:
+                if isinstance(a[key], torch.Tensor):
+                    assert a[key].dtype == b[key].dtype and a[key].stride() == b[key].stride()
+                    assert torch.equal(a[key], b[key]), key
+                else:
+                    assert a[key] == b[key], key

@@ -1,0 +1,528 @@
+"""Reading WebDataset tars: members grouped into samples exactly as webdataset groups them.
+
+We read tars ourselves (the stdlib ``tarfile``, webdataset's key splitting and ``gopen``)
+instead of through ``webdataset.tariterators.tar_file_iterator``: Python's tarfile reports a
+tar cut at a member boundary, or one with a garbage header mid-archive, as a normal end of
+archive, and webdataset 1.0.2 then silently drops the rest of the shard.
+
+A plain local shard (what ``build_shards`` and most tar writers produce) is read whole and
+indexed with numpy instead of ``tarfile``; if every sample in it has the same members in the
+same order (the usual ``KEY.cls`` + ``KEY.jpg``), it becomes a :class:`ShardTable`: columns of
+keys, member spans and labels, built in bulk, so the stream's per-sample work is little more
+than the decode. Anything the index cannot vouch for goes through ``tarfile`` as before.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import re
+import tarfile
+from collections import OrderedDict
+from contextlib import closing
+from itertools import islice, repeat
+from typing import Iterator
+
+import numpy as np
+from webdataset.gopen import gopen
+from webdataset.tariterators import base_plus_ext
+
+from data_shards.decode import (
+    IMAGE_EXTENSIONS,
+    TRUNCATED_TAR,
+    UNREADABLE_SHARD,
+    BadSample,
+    decode_label,
+    plain_jpegs,
+)
+
+REMOTE_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # pipe:, s3://, https://; not C:
+_META_RE = re.compile(r"__[^/]*__($|/)")  # the same rule as webdataset's tar_file_iterator
+
+
+class ShardError(Exception):
+    """A shard that could not be read to its end; ``reason`` is a skip reason."""
+
+    def __init__(self, reason: str, url: str, detail: str):
+        super().__init__(f"{reason}: {url}: {detail}")
+        self.reason = reason
+
+
+class _EndRecordingTarInfo(tarfile.TarInfo):
+    """Remembers why tarfile stopped, so that truncation is not mistaken for a clean end.
+
+    tarfile ends iteration silently both on the proper end-of-archive block (EOFHeaderError)
+    and on an archive cut at a header boundary or with a corrupt header mid-way (Empty-,
+    Truncated-, InvalidHeaderError). Only the first is a complete shard.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.HeaderError as exn:
+            tar.gentrain_stop = exn
+            raise
+
+
+def read_shard(url: str) -> Iterator[dict]:
+    """Yield the samples of one tar, in order, as ``{"__key__", "__url__", ext: bytes, ...}``.
+
+    Members are grouped into samples by key exactly as webdataset does (``base_plus_ext``,
+    lower-cased extensions, ``__*__`` metadata members ignored). A repeated member is dropped
+    and counted in the sample's ``__duplicates__``.
+
+    Raises:
+        ShardError: after the last complete sample, if the shard could not be opened
+            (``unreadable_shard``) or is damaged (``truncated_tar``). The sample being read
+            when the damage was found is dropped, since its members may be incomplete.
+    """
+    source = shard_samples(url)
+    if isinstance(source, ShardTable):
+        yield from map(source.sample, range(len(source)))
+    else:
+        yield from source
+
+
+def shard_samples(url: str) -> "ShardTable | Iterator[dict]":
+    """The samples of one tar: a :class:`ShardTable` where the shard is a plain local tar of
+    uniform samples, else an iterator of the dicts :func:`read_shard` yields (which may raise
+    ShardError after the last complete sample). Both hold the same samples in the same order."""
+    scanned = _scan(url)
+    if isinstance(scanned, ShardTable):
+        return scanned
+    return _dict_samples(url, scanned)
+
+
+def _dict_samples(url: str, scanned: tuple[bytes, list] | None) -> Iterator[dict]:
+    if scanned is not None:  # _group_members, inlined: this loop runs once per member
+        buf, members = scanned
+        current: dict | None = None
+        current_key = None
+        for key, ext, start, end in members:
+            if key == current_key:
+                if ext in current:
+                    current["__duplicates__"] = current.get("__duplicates__", 0) + 1
+                else:
+                    current[ext] = buf[start:end]
+                continue
+            if current is not None:
+                yield current
+            current_key = key
+            current = {"__key__": key, "__url__": url, ext: buf[start:end]}
+        if current is not None:
+            yield current
+        return
+    try:
+        stream = gopen(url, "rb")
+    except Exception as exn:
+        raise ShardError(UNREADABLE_SHARD, url, str(exn)) from None
+    with closing(stream):
+        yield from _group_members(url, _tarfile_members(url, stream))
+
+
+def _group_members(url: str, members: Iterator[tuple[str, str, bytes]]) -> Iterator[dict]:
+    """Group consecutive (key, ext, bytes) members into samples; a ShardError from ``members``
+    propagates after the last complete sample (the one being assembled is dropped)."""
+    current: dict | None = None
+    for key, ext, data in members:
+        if current is not None and current["__key__"] == key:
+            if ext in current:
+                current["__duplicates__"] = current.get("__duplicates__", 0) + 1
+            else:
+                current[ext] = data
+            continue
+        if current is not None:
+            yield current
+        current = {"__key__": key, "__url__": url, ext: data}
+    if current is not None:
+        yield current
+
+
+def _tarfile_members(url: str, stream) -> Iterator[tuple[str, str, bytes]]:
+    """Sample members of a tar read with ``tarfile`` (any format, any source gopen opens)."""
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndRecordingTarInfo)
+        for info in tar:
+            member = _read_member(tar, info)
+            tar.members = []  # streaming mode keeps every TarInfo otherwise
+            if member is not None:
+                yield member
+        stop = getattr(tar, "gentrain_stop", None)
+    except Exception as exn:  # tarfile.ReadError, EOFError, zlib.error, OSError, ...
+        raise ShardError(TRUNCATED_TAR, url, f"{type(exn).__name__}: {exn}") from None
+    if not isinstance(stop, tarfile.EOFHeaderError):
+        raise ShardError(TRUNCATED_TAR, url, f"no end-of-archive marker ({type(stop).__name__})")
+
+
+# ---------------------------------------------------------------------------- the sample table
+
+
+class ShardTable:
+    """The samples of a plain local shard in which every sample has the same members in the
+    same order, as columns: ``keys[i]``, the spans of each member in ``buf``, ``labels[i]``
+    (the parsed ``.cls``: -1 without one, None where it is not a valid label) and, for the
+    image member, whether it is a plain JPEG (``plain_jpeg[i]``, see decode.plain_jpegs).
+
+    ``sample(i)`` is the dict :func:`read_shard` yields for sample i.
+    """
+
+    __slots__ = ("url", "buf", "keys", "spans", "kind", "image_ext", "image_starts", "image_ends", "labels",
+                 "plain_jpeg", "_index")
+
+    def __init__(self, url: str, buf: bytes, keys: list[str], spans: dict[str, tuple[list[int], list[int]]]):
+        self.url, self.buf, self.keys, self.spans = url, buf, keys, spans
+        exts = list(spans)
+        # What stream's sample decoder finds in such a dict: the first image member in member
+        # order, or .npy for points.
+        self.image_ext = next((ext for ext in exts if ext in IMAGE_EXTENSIONS), None)
+        self.kind = "image" if self.image_ext is not None else ("points" if "npy" in spans else None)
+        self.labels = _parse_labels(buf, *spans["cls"]) if "cls" in spans else [-1] * len(keys)
+        self.image_starts, self.image_ends = spans[self.image_ext] if self.image_ext else ([], [])
+        self.plain_jpeg = plain_jpegs(buf, self.image_starts, self.image_ends) if self.image_ext else []
+        self._index: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def with_buf(self, buf: bytes) -> "ShardTable":
+        """This table over another read of the same file (the index is shared, not copied)."""
+        other = object.__new__(ShardTable)
+        for name in self.__slots__:
+            setattr(other, name, getattr(self, name))
+        other.buf = buf
+        other._index = None
+        return other
+
+    def records(self, picked: range) -> list[tuple]:
+        """(buf, image start, image end, label, plain JPEG, key, table, index) of the samples
+        in ``picked``: what the stream's per-sample loop unpacks in one step (start = end = 0
+        and plain = False where the table has no image member)."""
+        if self._index is None:
+            n = len(self.keys)
+            starts, ends, plain = ((self.image_starts, self.image_ends, self.plain_jpeg) if self.image_ext
+                                   else (repeat(0, n), repeat(0, n), repeat(False, n)))
+            self._index = list(zip(repeat(self.buf, n), starts, ends, self.labels, plain, self.keys,
+                                   repeat(self, n), range(n)))
+        return self._index if len(picked) == len(self.keys) else [self._index[i] for i in picked]
+
+    def sample(self, i: int) -> dict:
+        """Sample i as read_shard's dict (members in member order)."""
+        buf = self.buf
+        out = {"__key__": self.keys[i], "__url__": self.url}
+        for ext, (starts, ends) in self.spans.items():
+            out[ext] = buf[starts[i] : ends[i]]
+        return out
+
+    def members(self) -> list[tuple[str, str, int, int]]:
+        """[(key, ext, start, end)] in tar order."""
+        return [(key, ext, starts[i], ends[i]) for i, key in enumerate(self.keys)
+                for ext, (starts, ends) in self.spans.items()]
+
+    @classmethod
+    def build(cls, url: str, buf: bytes, keys: list[str], exts: list[str], starts: list[int],
+              ends: list[int]) -> "ShardTable | None":
+        """The table of members (keys, exts, starts, ends) in tar order; None unless they fall
+        into samples of the same distinct extensions in the same order, consecutive samples
+        having different keys (anything else goes through read_shard's grouping loop)."""
+        n_members = len(keys)
+        width = 1
+        while width < n_members and keys[width] == keys[0]:
+            width += 1
+        columns = exts[:width]
+        if not n_members or n_members % width or len(set(columns)) != width:
+            return None
+        sample_keys = keys[::width]
+        n = len(sample_keys)
+        for t in range(width):
+            if keys[t::width] != sample_keys or exts[t::width].count(columns[t]) != n:
+                return None
+        if any(map(operator.eq, sample_keys, islice(sample_keys, 1, None))):
+            return None  # one sample's members in two runs: duplicates, for the grouping loop
+        spans = {ext: (starts[t::width], ends[t::width]) for t, ext in enumerate(columns)}
+        return cls(url, buf, sample_keys, spans)
+
+
+def _parse_labels(buf: bytes, starts: list[int], ends: list[int]) -> list[int | None]:
+    """decode_label of every span, None where it raises; all at once when they are all the
+    usual 1-18 ASCII digits."""
+    raw = [buf[a:b] for a, b in zip(starts, ends)]
+    lengths = list(map(len, raw))
+    if raw and min(lengths) >= 1 and max(lengths) <= 18 and b"".join(raw).isdigit():
+        return list(map(int, raw))
+    return [_label_or_none(data) for data in raw]
+
+
+def _label_or_none(data: bytes) -> int | None:
+    try:
+        return decode_label(data)
+    except BadSample:
+        return None
+
+
+# ---------------------------------------------------------------------------- the index
+
+
+_FAST_TAR_MAX_BYTES = 1 << 30  # larger local shards are streamed through tarfile instead
+_COMPRESSED_SUFFIXES = (".gz", ".tgz", ".bz2", ".xz", ".zst", ".lz4")
+_ZERO_BLOCK = bytes(tarfile.BLOCKSIZE)
+_REG, _AREG, _DIR = ord("0"), 0, ord("5")
+
+
+# Indexes of tables kept across passes, by file identity: a pass then only reads the file again.
+# Keyed by (path, device, inode, size, mtime, ctime), so a rewritten file is indexed afresh.
+_TABLE_CACHE: "OrderedDict[tuple, ShardTable]" = OrderedDict()
+_TABLE_CACHE_SAMPLES = 1 << 17  # per process (~30 MB of keys, spans and labels at most)
+_cached_samples = 0
+
+
+def _remember(key: tuple, table: ShardTable) -> None:
+    global _cached_samples
+    if len(table) > _TABLE_CACHE_SAMPLES:
+        return
+    _TABLE_CACHE[key] = table.with_buf(b"")  # the index only, not the bytes
+    _cached_samples += len(table)
+    while _cached_samples > _TABLE_CACHE_SAMPLES:
+        _, old = _TABLE_CACHE.popitem(last=False)
+        _cached_samples -= len(old)
+
+
+def _scan(url: str) -> ShardTable | tuple[bytes, list[tuple[str, str, int, int]]] | None:
+    """A plain local tar as a ShardTable, or as (shard bytes, [(key, ext, start, end)] of its
+    sample members); None where ``tarfile`` must read it.
+
+    Accepts only what it can vouch for exactly as ``tarfile`` would read it: regular files and
+    directories (ustar/v7/GNU headers with octal fields and valid checksums), each member
+    complete, ending with an end-of-archive block. Member names go through the same rules as
+    :func:`_read_member`.
+    """
+    if REMOTE_RE.match(url) or url.endswith(_COMPRESSED_SUFFIXES):
+        return None
+    try:
+        with open(url, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not 0 < st.st_size <= _FAST_TAR_MAX_BYTES:
+                return None
+            buf = f.read()
+    except OSError:
+        return None  # let gopen report it
+    identity = (url, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    cached = _TABLE_CACHE.get(identity)
+    if cached is not None and len(buf) == st.st_size:
+        _TABLE_CACHE.move_to_end(identity)
+        return cached.with_buf(buf)
+    columns = _ustar_columns(buf)
+    if columns is not None:
+        starts, ends, names = columns
+        plain = _split_plain_names(names)
+        if plain is not None:
+            keys, exts = plain
+            table = ShardTable.build(url, buf, keys, exts, starts, ends)
+            if table is None:
+                return buf, list(zip(keys, exts, starts, ends))
+            if len(buf) == st.st_size:
+                _remember(identity, table)
+            return table
+        members = _split_names(buf, names, starts, ends)
+        if members is not None:
+            return buf, members
+    found = _walk_tar(buf)
+    if found is None:
+        return None
+    members = []
+    for name, start, end in found:
+        key, ext = _split_name(name)
+        if key is not None:
+            members.append((key, ext.lower(), start, end))
+    return buf, members
+
+
+def _scan_local_tar(url: str) -> tuple[bytes, list[tuple[str, str, int, int]]] | None:
+    """(shard bytes, [(key, ext, start, end)] of its sample members) for a plain local tar,
+    or None where ``tarfile`` must read it (see :func:`_scan`)."""
+    scanned = _scan(url)
+    return (scanned.buf, scanned.members()) if isinstance(scanned, ShardTable) else scanned
+
+
+_USTAR_TAIL = np.frombuffer(b"star", dtype=np.uint8)
+
+
+def _octal_fields(fields: np.ndarray) -> np.ndarray | None:
+    """Values of [N, W] tar number fields as tarfile's ``nti`` reads them (octal digits up to
+    the first NUL), or None if any field is not just that (spaces, base-256, garbage)."""
+    digits = fields - np.uint8(ord("0"))  # non-digits wrap to >= 8
+    width = fields.shape[1]
+    for n in (width - 1, width - 2):  # the usual: n digits, then NUL ("%011o\0", "%06o\0 ")
+        if (fields[:, n] == 0).all() and (digits[:, :n] < 8).all():
+            return digits[:, :n].astype(np.int64) @ (8 ** np.arange(n - 1, -1, -1, dtype=np.int64))
+    before = ~np.logical_or.accumulate(fields == 0, axis=1)  # bytes before the first NUL
+    if (before & (digits > 7)).any():
+        return None
+    shift = 3 * (before.sum(1)[:, None] - 1 - np.arange(width))
+    return np.where(before, digits.astype(np.int64) << np.maximum(shift, 0), 0).sum(1)
+
+
+_LOW_BYTES = np.uint64(0x00FF00FF00FF00FF)
+
+
+def _ustar_columns(buf: bytes) -> tuple[list[int], list[int], list[bytes]] | None:
+    """(starts, ends, raw names) of the members of a ustar/GNU tar of regular files only,
+    found with numpy: the blocks carrying the "ustar" magic must chain exactly from the first
+    block (each header's size pointing at the next) to an end-of-archive block, with valid
+    checksums and plain octal fields. None where it cannot vouch for that (then
+    :func:`_walk_tar` decides). Names are the 100-byte fields less their trailing NULs."""
+    n_blocks = len(buf) // 512
+    if n_blocks < 2:
+        return None
+    blocks = np.frombuffer(buf, dtype=np.uint8, count=n_blocks * 512).reshape(n_blocks, 512)
+    heads = np.flatnonzero(blocks[:, 257] == ord("u"))
+    if not heads.size:
+        return None
+    headers = blocks[heads]  # one gather; every check below reads this contiguous copy
+    magic = (headers[:, 258:262] == _USTAR_TAIL).all(1)
+    if not magic.all():
+        heads, headers = heads[magic], headers[magic]
+    if not heads.size or heads[0] != 0:
+        return None
+    kinds = headers[:, 156]
+    if not ((kinds == _REG) | (kinds == _AREG)).all() or headers[:, 345].any():
+        return None  # directories, links, extensions, prefixed long names: the walk's business
+    sizes = _octal_fields(headers[:, 124:136])
+    checksum_fields = headers[:, 148:156]
+    wanted = _octal_fields(checksum_fields)
+    if sizes is None or wanted is None:
+        return None
+    following = heads + 1 + (sizes + 511) // 512
+    end = int(following[-1])
+    if not (np.array_equal(following[:-1], heads[1:]) and end < n_blocks and not blocks[end].any()):
+        return None
+    # Checksums: byte sums of whole headers, two bytes at a time in 16-bit lanes of uint64 words.
+    words = headers.view(np.uint64)
+    lanes = ((words & _LOW_BYTES) + ((words >> np.uint64(8)) & _LOW_BYTES)).sum(1)
+    total = sum((lanes >> np.uint64(s)) & np.uint64(0xFFFF) for s in (0, 16, 32, 48)).astype(np.int64)
+    unsigned = total - checksum_fields.sum(1, dtype=np.int64) + 256
+    if not (unsigned == wanted).all() and not _checksums_match(headers, wanted):
+        return None
+    starts = heads * 512 + 512
+    names = np.ascontiguousarray(headers[:, :100]).view("S100").ravel().tolist()  # trailing NULs dropped
+    return starts.tolist(), (starts + sizes).tolist(), names
+
+
+_NOT_PLAIN_NAME = re.compile(rb"[^\x20-\x7e\n]")
+# "dir/key.ext" as _split_name splits it: key up to the first dot after the last slash, a
+# base name not starting with a dot, not a "__" name.
+_PLAIN_NAME = re.compile(r"^(?!__)((?:[^\n]*/)?[^/.\n][^/.\n]*)\.([^/\n]*)$", re.MULTILINE)
+
+
+def _split_plain_names(names: list[bytes]) -> tuple[list[str], list[str]] | None:
+    """(keys, lower-cased extensions) of raw member names when every one is printable ASCII
+    of the usual "dir/key.ext" form (split in one regex pass over all of them, as
+    :func:`_split_name` splits each); None otherwise."""
+    joined = b"\n".join(names)
+    if joined.count(b"\n") != len(names) - 1 or _NOT_PLAIN_NAME.search(joined):
+        return None  # newlines, NULs, control or non-ASCII characters in a name
+    found = _PLAIN_NAME.findall(joined.decode("ascii"))
+    if len(found) != len(names):  # at most one match per line: every name matched
+        return None
+    keys = [key for key, _ in found]
+    exts = "\n".join([ext for _, ext in found]).lower().split("\n")
+    return keys, exts
+
+
+def _split_names(buf: bytes, names: list[bytes], starts: list[int], ends: list[int]):
+    """[(key, ext, start, end)] of the sample members among arbitrary raw names, name by name;
+    None where tarfile would read one as a directory."""
+    members = []
+    append = members.append
+    for raw, start, end in zip(names, starts, ends):
+        if b"\0" in raw:
+            raw = raw.split(b"\0", 1)[0]
+        name = raw.decode("utf-8", "surrogateescape")
+        if name[-1:] == "/" and buf[start - 512 + 156] == _AREG:
+            return None  # tarfile reads that as a directory (old V7 style)
+        key, ext = _split_name(name)
+        if key is not None:
+            append((key, ext.lower(), start, end))
+    return members
+
+
+def _checksums_match(header: np.ndarray, wanted: np.ndarray) -> bool:
+    """Header checksums as tarfile verifies them (unsigned sum, or the signed one old tars wrote)."""
+    unsigned = header.sum(1, dtype=np.int64) - header[:, 148:156].sum(1, dtype=np.int64) + 256
+    odd = np.flatnonzero(wanted != unsigned)
+    if odd.size:
+        signed = header[odd].view(np.int8)
+        signed = signed.sum(1, dtype=np.int64) - signed[:, 148:156].sum(1, dtype=np.int64) + 256
+        return bool((wanted[odd] == signed).all())
+    return True
+
+
+def _walk_tar(buf: bytes) -> list[tuple[str, int, int]] | None:
+    """[(name, start, end)] of a plain tar's members, header by header; None where tarfile must decide."""
+    length = len(buf)
+    headers: list[int] = []
+    checksums: list[int] = []
+    found: list[tuple[str, int, int]] = []
+    offset = 0
+    try:
+        while True:
+            if offset + 512 > length:
+                return None  # truncated: tarfile reports it
+            block = buf[offset : offset + 512]
+            if block == _ZERO_BLOCK:
+                break
+            kind = block[156]
+            if kind not in (_REG, _AREG, _DIR) or block[124] & 0x80 or block[148] & 0x80:
+                return None  # links, pax/GNU extensions, sparse, base-256 numbers: tarfile's business
+            # Fields as tarfile's nts/nti read them: up to the first NUL, then octal.
+            checksums.append(int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8))
+            headers.append(offset)
+            name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+            data_start = offset + 512
+            if kind == _DIR or (kind == _AREG and name.endswith("/")):  # tarfile: V7 directory
+                offset = data_start  # tarfile skips no data after a directory
+                continue
+            size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+            if size < 0 or data_start + size > length:
+                return None
+            if block[345]:
+                prefix = block[345:500].split(b"\0", 1)[0]
+                name = prefix.decode("utf-8", "surrogateescape") + "/" + name
+            found.append((name, data_start, data_start + size))
+            offset = data_start + (size + 511) // 512 * 512
+    except ValueError:
+        return None  # a non-octal field: tarfile calls that an invalid header
+    if headers:
+        blocks = np.frombuffer(buf, dtype=np.uint8, count=(offset // 512) * 512).reshape(-1, 512)
+        if not _checksums_match(blocks[np.asarray(headers) // 512], np.asarray(checksums, dtype=np.int64)):
+            return None
+    return found
+
+
+def _split_name(name: str) -> tuple[str | None, str | None]:
+    """(key, ext) of a member name as :func:`_read_member` splits it; (None, None) to skip.
+
+    The usual "dir/key.ext" (a key not starting with a dot, no newline, not ``__meta__``) is
+    split with string operations, which give what base_plus_ext's regex gives for such names;
+    anything else goes through the regex itself.
+    """
+    slash = name.rfind("/") + 1
+    dot = name.find(".", slash)
+    if dot > slash and not name.startswith("__") and "\n" not in name:
+        return name[:dot], name[dot + 1 :]
+    if _META_RE.match(name):
+        return None, None
+    return base_plus_ext(name)
+
+
+def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[str, str, bytes] | None:
+    """(key, extension, bytes) of a regular member, or None for members that are not sample data."""
+    if not info.isreg():
+        return None
+    if _META_RE.match(info.name):
+        return None  # webdataset's metadata members (__index__ and the like) are not samples
+    key, ext = base_plus_ext(info.name)
+    if key is None:
+        return None
+    return key, ext.lower(), tar.extractfile(info).read()
+
