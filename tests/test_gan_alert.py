@@ -20,7 +20,8 @@ COMMON = ("model.arch=mlp", "model.z_dim=16", "model.g_channels=128", "model.d_c
           "loss.r1_gamma=0.01", "loss.ema_halflife_kimg=0", "diagnostics.every=50",
           "diagnostics.alert_after_steps=150", "diagnostics.alert_patience=2", "trainer.max_steps=200",
           "trainer.precision=fp32", "trainer.log_every=50", "trainer.sample_every=1000",
-          "trainer.ckpt_every=1000", "trainer.progress=false", "wandb.mode=offline")
+          "trainer.ckpt_every=1000", "trainer.progress=false", "wandb.mode=offline",
+          "optim.lr_decay=none")  # the preset's end-of-training decay would change these short runs
 
 
 @pytest.fixture(scope="module")

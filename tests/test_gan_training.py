@@ -52,7 +52,7 @@ def test_lr_decay_follows_the_schedule_and_resumes_bit_exactly(tmp_path):
     run_gentrain("shards", "build", "ring8", "--out", shards, "--num-samples", 2000, "--shard-size", 500, "--quiet")
     common = ("model.g_channels=32", "model.d_channels=32", "data.batch_size=32", "trainer.max_steps=12",
               "trainer.log_every=1", "trainer.ckpt_every=6", "trainer.sample_every=100", "trainer.progress=false",
-              "optim.lr_decay=cosine", "optim.lr_decay_start=0.25", "optim.lr_decay_final=0.1",
+              "optim.g.lr=1e-3", "optim.lr_decay=cosine", "optim.lr_decay_start=0.25", "optim.lr_decay_final=0.1",
               "diagnostics.every=0", "wandb.mode=disabled", f"data.shards={shards}")
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     run_gentrain("train", "configs/gan_ring8.yaml", f"run.dir={reference}", *common)
