@@ -54,7 +54,7 @@ from data_shards.decode import (
     decode_label,
     decode_points,
 )
-from data_shards.tars import REMOTE_RE as _REMOTE_RE, ShardError, ShardTable, read_shard, shard_samples
+from data_shards.tars import REMOTE_RE as _REMOTE_RE, ShardError, ShardTable, read_shard, record_sample, shard_samples
 
 SKIP_REASONS = (DECODE_ERROR, BAD_LABEL, TOO_LARGE, TRUNCATED_TAR, MISSING_IMAGE, UNREADABLE_SHARD, DUPLICATE_MEMBER)
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -176,15 +176,15 @@ class _SampleDecoder:
         return value, label
 
     def row(self, record: tuple) -> tuple[np.ndarray, int]:
-        """What ``self(table.sample(i))`` returns for a ShardTable record (see
+        """What ``self(record_sample(record))`` returns for a ShardTable record (see
         ``ShardTable.records``), without building the sample's dict once the stream's image
         target is known: from then on ``self.kind`` is "image", the payload is the table's
         image member and the label its parsed .cls."""
-        buf, start, end, label, plain, _, table, i = record
-        if self.target is None or table.image_ext is None:
-            return self(table.sample(i))
+        buf, start, end, label, plain, _, _, _, (image_ext, _) = record
+        if self.target is None or image_ext is None:
+            return self(record_sample(record))
         if label is None:
-            decode_label(table.sample(i)["cls"])  # raises BadSample, with the label in its message
+            decode_label(record_sample(record)["cls"])  # raises BadSample, with the label in its message
         data = buf[start:end]
         buffer = self.buffer
         if plain and self.direct_jpeg and buffer is not None:
@@ -193,7 +193,7 @@ class _SampleDecoder:
                 return value, label
         value = decode_image_fast(data, self.channels, self.target, self.max_pixels, buffer)
         if value is None:
-            value = decode_image(data, table.image_ext, self.channels, self.size, self.max_pixels)
+            value = decode_image(data, image_ext, self.channels, self.size, self.max_pixels)
         return value, label
 
 
@@ -411,7 +411,7 @@ class ShardStream(IterableDataset):
                             count(bad.reason)
                             continue
                         stats.valid += 1
-                        yield value, label, raw[5], raw[6].url, (pass_index, w, j, share_all)
+                        yield value, label, raw[5], raw[6], (pass_index, w, j, share_all)
                         continue
                     if "__duplicates__" in raw:
                         for _ in range(raw.pop("__duplicates__")):

@@ -168,7 +168,7 @@ class ShardTable:
     """
 
     __slots__ = ("url", "buf", "keys", "spans", "kind", "image_ext", "image_starts", "image_ends", "labels",
-                 "plain_jpeg", "_index")
+                 "plain_jpeg", "layout", "_index")
 
     def __init__(self, url: str, buf: bytes, keys: list[str], spans: dict[str, tuple[list[int], list[int]]]):
         self.url, self.buf, self.keys, self.spans = url, buf, keys, spans
@@ -180,6 +180,9 @@ class ShardTable:
         self.labels = _parse_labels(buf, *spans["cls"]) if "cls" in spans else [-1] * len(keys)
         self.image_starts, self.image_ends = spans[self.image_ext] if self.image_ext else ([], [])
         self.plain_jpeg = plain_jpegs(buf, self.image_starts, self.image_ends) if self.image_ext else []
+        # The members as nested tuples of str and int: a record holding it (see records) holds
+        # no GC-tracked object.
+        self.layout = (self.image_ext, tuple((ext, tuple(a), tuple(b)) for ext, (a, b) in spans.items()))
         self._index: list | None = None
 
     def __len__(self) -> int:
@@ -195,24 +198,25 @@ class ShardTable:
         return other
 
     def records(self, picked: range) -> list[tuple]:
-        """(buf, image start, image end, label, plain JPEG, key, table, index) of the samples
-        in ``picked``: what the stream's per-sample loop unpacks in one step (start = end = 0
-        and plain = False where the table has no image member)."""
+        """(buf, image start, image end, label, plain JPEG, key, url, index, layout) of the
+        samples in ``picked``: what the stream's per-sample loop unpacks in one step (start =
+        end = 0 and plain = False where the table has no image member).
+
+        Records hold only bytes, str, int, bool and tuples of them, so CPython stops tracking
+        them at the first garbage collection they survive: a window of records never feeds the
+        full collections (100+ ms each with torch loaded) that objects referencing the table
+        would trigger every few ten thousand samples."""
         if self._index is None:
             n = len(self.keys)
             starts, ends, plain = ((self.image_starts, self.image_ends, self.plain_jpeg) if self.image_ext
                                    else (repeat(0, n), repeat(0, n), repeat(False, n)))
             self._index = list(zip(repeat(self.buf, n), starts, ends, self.labels, plain, self.keys,
-                                   repeat(self, n), range(n)))
+                                   repeat(self.url, n), range(n), repeat(self.layout, n)))
         return self._index if len(picked) == len(self.keys) else [self._index[i] for i in picked]
 
     def sample(self, i: int) -> dict:
         """Sample i as read_shard's dict (members in member order)."""
-        buf = self.buf
-        out = {"__key__": self.keys[i], "__url__": self.url}
-        for ext, (starts, ends) in self.spans.items():
-            out[ext] = buf[starts[i] : ends[i]]
-        return out
+        return record_sample(self.records(range(len(self)))[i])
 
     def members(self) -> list[tuple[str, str, int, int]]:
         """[(key, ext, start, end)] in tar order."""
@@ -241,6 +245,15 @@ class ShardTable:
             return None  # one sample's members in two runs: duplicates, for the grouping loop
         spans = {ext: (starts[t::width], ends[t::width]) for t, ext in enumerate(columns)}
         return cls(url, buf, sample_keys, spans)
+
+
+def record_sample(record: tuple) -> dict:
+    """The read_shard dict of a ShardTable record (members in member order)."""
+    buf, _, _, _, _, key, url, i, (_, columns) = record
+    out = {"__key__": key, "__url__": url}
+    for ext, starts, ends in columns:
+        out[ext] = buf[starts[i] : ends[i]]
+    return out
 
 
 def _parse_labels(buf: bytes, starts: list[int], ends: list[int]) -> list[int | None]:
