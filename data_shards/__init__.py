@@ -5,6 +5,7 @@
 - ``data_shards.stream``: ``resolve_shards``, ``ShardStream``, ``make_loader``,
   ``batch_to_float``: rank/worker-split, shuffled, decoded, batched and never-ending.
 - ``data_shards.decode``: single-sample decoding and the ``BadSample`` skip reasons.
+- ``data_shards.tars``: ``read_shard`` and the bulk index of plain local tars (``ShardTable``).
 
 Nothing is imported here so that building shards does not pay for importing torch.
 """

@@ -242,7 +242,9 @@ class ShardStream(IterableDataset):
     visits each window in a permutation drawn from (seed, slot, pass, window). Unlike a
     reservoir buffer, the position in such a stream is three integers (pass, window, offset),
     which is what makes mid-pass resumption exact and cheap: skipped windows are read but not
-    decoded. Memory: shuffle_buffer raw samples per worker.
+    decoded. Memory: shuffle_buffer raw samples per worker, plus the index (keys, member
+    offsets, labels) of up to 131,072 samples of plain local shards, kept across passes so
+    that a later pass only reads the files again (see data_shards.tars).
 
     Args:
         urls: anything :func:`resolve_shards` accepts.
