@@ -597,28 +597,53 @@ def make_loader(
     return loader
 
 
-# Live iterators of our loaders, whose workers must stop before interpreter exit (see _stop_workers).
+# Live iterators of our loaders and their worker processes, which must stop before interpreter
+# exit (see _stop_workers). A worker outlives its iterator when the iterator's shutdown failed.
 _ITERATORS: weakref.WeakSet = weakref.WeakSet()
+_WORKERS: weakref.WeakSet = weakref.WeakSet()
+_EXIT_HOOK_LAST = False
 
 
 class _Loader(DataLoader):
     """A DataLoader that remembers its iterators (see _stop_workers)."""
 
     def _get_iterator(self):
+        global _EXIT_HOOK_LAST
         iterator = super()._get_iterator()
         _ITERATORS.add(iterator)
+        _WORKERS.update(getattr(iterator, "_workers", ()))
+        if not _EXIT_HOOK_LAST:
+            # atexit runs hooks last-registered first. Registering again now, after torch and
+            # multiprocessing have registered theirs (they have: workers exist), puts this hook
+            # before multiprocessing's join and before torch's exit flag, which turns
+            # _shutdown_workers into a no-op, whatever order the modules were imported in.
+            atexit.unregister(_stop_workers)
+            atexit.register(_stop_workers)
+            _EXIT_HOOK_LAST = True
         return iterator
 
 
-@atexit.register
 def _stop_workers() -> None:
-    """Shut down the workers of iterators still alive at exit. multiprocessing's own exit hook
+    """Stop the workers of iterators still alive at exit. multiprocessing's own exit hook
     terminate()s daemonic children with SIGTERM, which our workers ignore, and then joins them
-    forever. atexit runs hooks in reverse order of registration, and torch imported
-    multiprocessing before this module, so this hook runs first."""
+    forever. Each iterator is shut down the normal way; a worker still alive after that (its
+    iterator's shutdown failed, was skipped, or the iterator is gone) is killed: it only reads shards."""
     for iterator in list(_ITERATORS):
-        if hasattr(iterator, "_shutdown_workers"):
+        try:
             iterator._shutdown_workers()
+        except Exception:  # noqa: BLE001 - one broken iterator must not leave the others' workers running
+            pass
+    for worker in list(_WORKERS):
+        try:
+            worker.join(timeout=1.0)
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5.0)
+        except (AssertionError, ValueError, OSError):  # not started, already closed, or gone
+            pass
+
+
+atexit.register(_stop_workers)
 
 
 def _ignore_stop_signals(_worker_id: int) -> None:

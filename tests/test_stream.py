@@ -375,6 +375,18 @@ def test_a_script_holding_a_loader_with_workers_exits(digits_dir):
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+def test_a_script_exits_even_when_a_loader_iterator_fails_to_shut_down(digits_dir):
+    """A worker whose iterator cannot shut it down (here its shutdown raises) is killed at exit
+    rather than joined forever by multiprocessing's exit hook (it ignores SIGTERM)."""
+    script = ("import sys\nfrom data_shards.stream import make_loader\n"
+              "it = iter(make_loader(sys.argv[1], 8, num_workers=1))\nbatch = next(it)\n"
+              "def broken():\n    raise RuntimeError('shutdown failed')\n"
+              "it._shutdown_workers = broken\nprint('ready', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(digits_dir)], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ready", proc.stderr[-2000:]
+
+
 # ---------------------------------------------------------------------------- the table fast path
 
 
