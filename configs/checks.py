@@ -5,9 +5,27 @@ They run in ``configs.load.validate``, so a bad combination stops ``gentrain tra
 """
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from configs.errors import ConfigError
+
+# DiffAugment's ops (trainers.augment implements them under these names).
+AUGMENT_OPS = ("color", "translation", "cutout")
+
+
+def parse_augment_ops(value) -> tuple[str, ...]:
+    """loss.augment as a tuple of op names: a list, or a comma-separated string ("" / none: no ops)."""
+    if OmegaConf.is_config(value):
+        value = OmegaConf.to_object(value)
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else list(value)
+    ops = tuple(str(v).strip() for v in items if str(v).strip() and str(v).strip() != "none")
+    bad = [op for op in ops if op not in AUGMENT_OPS]
+    if bad:
+        raise ConfigError(f"bad value for 'loss.augment': unknown augmentation {bad[0]!r}; "
+                          f"choose from {', '.join(AUGMENT_OPS)}")
+    return ops
 
 
 def check_vae(cfg: DictConfig) -> None:
@@ -36,4 +54,20 @@ def check_vae(cfg: DictConfig) -> None:
                               "d_channels > 0")
 
 
-KIND_CHECKS = {"vae": check_vae}
+def check_gan(cfg: DictConfig) -> None:
+    """The GAN's cross-field rules: penalty intervals, D steps per batch, the lr schedule, augmentation."""
+    loss = cfg.loss
+    if loss.r1_every < 1 or loss.d_steps < 1:
+        raise ConfigError(f"loss.r1_every and loss.d_steps must be >= 1, got {loss.r1_every} and {loss.d_steps}")
+    if cfg.data.batch_size % loss.d_steps:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by loss.d_steps={loss.d_steps}")
+    if min(loss.r1_gamma, loss.r2_gamma, loss.gp_gamma) < 0:
+        raise ConfigError("loss.r1_gamma, loss.r2_gamma and loss.gp_gamma must be >= 0")
+    ops = parse_augment_ops(loss.augment)
+    if not 0.0 <= cfg.optim.lr_decay_start <= 1.0 or cfg.optim.lr_decay_final < 0:
+        raise ConfigError("optim.lr_decay_start must be in [0, 1] and optim.lr_decay_final >= 0")
+    if ops and cfg.model.arch == "mlp":
+        raise ConfigError("loss.augment works on images; the mlp (2-D points) model takes no augmentation")
+
+
+KIND_CHECKS = {"vae": check_vae, "gan": check_gan}

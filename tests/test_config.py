@@ -81,3 +81,17 @@ def test_cli_exits_2_with_one_line_and_no_traceback():
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr
     assert lines[0].startswith("gentrain: error: unknown config key 'optim.lr'")
+
+
+@pytest.mark.parametrize("preset,override,fragment", [
+    ("gan_digits", "loss.d_steps=3", "divisible by loss.d_steps"),
+    ("gan_digits", "loss.augment=[flip]", "unknown augmentation 'flip'; choose from color, translation, cutout"),
+    ("gan_digits", "loss.r1_every=0", "loss.r1_every and loss.d_steps must be >= 1"),
+    ("gan_digits", "optim.lr_decay_start=1.5", "optim.lr_decay_start must be in [0, 1]"),
+    ("gan_ring8", "loss.augment=[color]", "the mlp (2-D points) model takes no augmentation"),
+])
+def test_gan_cross_field_mistakes_are_caught_when_the_config_loads(preset, override, fragment):
+    """Caught by load_config, so `gentrain launch` (and an sbatch submission) stops before anything starts."""
+    with pytest.raises(ConfigError) as err:
+        load_config(preset, [override])
+    assert fragment in str(err.value) and "\n" not in str(err.value)

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-OPS = ("color", "translation", "cutout")
+from configs.checks import AUGMENT_OPS as OPS
+from configs.checks import parse_augment_ops as parse_ops  # noqa: F401 - the config's op names, checked
 
 
 def _rand(gen: torch.Generator | None, *shape, device) -> torch.Tensor:
@@ -61,6 +62,7 @@ def cutout(x: torch.Tensor, gen: torch.Generator | None, ratio: float = 0.5) -> 
 
 
 _FNS = {"color": color, "translation": translation, "cutout": cutout}
+assert tuple(_FNS) == OPS, "configs.checks.AUGMENT_OPS must name exactly the ops implemented here"
 
 
 def diff_augment(x: torch.Tensor, ops, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -68,15 +70,3 @@ def diff_augment(x: torch.Tensor, ops, gen: torch.Generator | None = None) -> to
     for op in ops:
         x = _FNS[op](x, gen)
     return x.contiguous()
-
-
-def parse_ops(value) -> tuple[str, ...]:
-    """loss.augment as a tuple of op names: a list, or a comma-separated string ("" / none: no ops)."""
-    if value is None:
-        return ()
-    items = value.split(",") if isinstance(value, str) else list(value)
-    ops = tuple(str(v).strip() for v in items if str(v).strip() and str(v).strip() != "none")
-    bad = [op for op in ops if op not in OPS]
-    if bad:
-        raise ValueError(f"unknown augmentation {bad[0]!r}; choose from {', '.join(OPS)}")
-    return ops

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from configs import ConfigError
+from configs.checks import check_gan
 from data_shards.stream import batch_to_float
 from models import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
 from trainers.augment import diff_augment, parse_ops
@@ -79,32 +79,13 @@ def lr_factor(optim_cfg: DictConfig, step: int, max_steps: int) -> float:
     return optim_cfg.lr_decay_final + (1.0 - optim_cfg.lr_decay_final) * shape
 
 
-def check_gan_config(cfg: DictConfig) -> tuple[str, ...]:
-    """Checks the schema cannot express; returns the augmentation ops."""
-    loss = cfg.loss
-    if loss.r1_every < 1 or loss.d_steps < 1:
-        raise ConfigError(f"loss.r1_every and loss.d_steps must be >= 1, got {loss.r1_every} and {loss.d_steps}")
-    if cfg.data.batch_size % loss.d_steps:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by loss.d_steps={loss.d_steps}")
-    if min(loss.r1_gamma, loss.r2_gamma, loss.gp_gamma) < 0:
-        raise ConfigError("loss.r1_gamma, loss.r2_gamma and loss.gp_gamma must be >= 0")
-    try:
-        ops = parse_ops(OmegaConf.to_object(loss.augment) if OmegaConf.is_config(loss.augment) else loss.augment)
-    except ValueError as err:
-        raise ConfigError(f"bad value for 'loss.augment': {err}") from None
-    if not 0.0 <= cfg.optim.lr_decay_start <= 1.0 or cfg.optim.lr_decay_final < 0:
-        raise ConfigError("optim.lr_decay_start must be in [0, 1] and optim.lr_decay_final >= 0")
-    if ops and cfg.model.arch == "mlp":
-        raise ConfigError("loss.augment works on images; the mlp (2-D points) model takes no augmentation")
-    return ops
-
-
 class GANTask:
     """Owns the G and D engines, the generator EMA and the collapse diagnostics."""
 
     def __init__(self, cfg: DictConfig, dist_info: DistInfo, precision: str):
         self.cfg, self.dist = cfg, dist_info
-        self.augment_ops = check_gan_config(cfg)
+        check_gan(cfg)  # load_config ran it already; a config built by hand may not have been
+        self.augment_ops = parse_ops(cfg.loss.augment)
         generator, discriminator = build_networks(cfg)
         self.g = make_engine(generator, cfg.optim.g, cfg, dist_info, precision)
         self.d = make_engine(discriminator, d_optim_config(cfg), cfg, dist_info, precision)
