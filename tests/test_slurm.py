@@ -63,6 +63,11 @@ class Cluster:
     def state(self, job_id: str) -> str:
         return self.run("squeue", "-h", "-j", job_id, "-o", "%T", check=False).strip()
 
+    def nodes_idle(self) -> bool:
+        """Every node IDLE: the last job's allocation is fully cleaned up (no COMPLETING)."""
+        states = self.run("sinfo", "-h", "-N", "-o", "%t", check=False).split()
+        return bool(states) and all(s == "idle" for s in states)
+
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.dir.glob("*.log")))
 
@@ -156,6 +161,11 @@ def test_slurm_gan_preempted_requeued_resumes(cluster, digit_shards, tmp_path):
         raise AssertionError(f"job not requeued: {job['JobState']} ExitCode={job['ExitCode']} "
                              f"Restarts={job['Restarts']}\n{log[-6000:]}")
     requeued = time.time()
+    # Released at once, SLURM may allocate the job again within the second its old credential was
+    # revoked in and kill it ("Job credential revoked", seen here in CI). Its own ~2 min hold never
+    # does; wait for the nodes to be idle and a new second before releasing it.
+    wait_for(cluster.nodes_idle, 60, "the nodes to be idle after the requeue", cluster, run_dir)
+    time.sleep(max(0.0, requeued + 2.0 - time.time()))
     cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
     wait_for(lambda: cluster.state(job_id) == "", 300, f"job {job_id} to finish after the requeue", cluster, run_dir)
     finished = time.time()
