@@ -88,9 +88,10 @@ class GANTask:
         self.augment_ops = parse_ops(cfg.loss.augment)
         generator, discriminator = build_networks(cfg)
         self.g = make_engine(generator, cfg.optim.g, cfg, dist_info, precision)
-        self.d = make_engine(discriminator, d_optim_config(cfg), cfg, dist_info, precision)
+        d_optim = d_optim_config(cfg)
+        self.d = make_engine(discriminator, d_optim, cfg, dist_info, precision)
         self.engines = {"g": self.g, "d": self.d}
-        self.base_lr = {"g": float(cfg.optim.g.lr), "d": float(d_optim_config(cfg).lr)}
+        self.base_lr = {"g": float(cfg.optim.g.lr), "d": float(d_optim.lr)}
         self.g_dtype, self.d_dtype = module_dtype(self.g.module), module_dtype(self.d.module)
         self.d_loss_fn, self.g_loss_fn = D_LOSSES[cfg.loss.loss], G_LOSSES[cfg.loss.loss]
         self.ema = EMA(self.g.module, cfg.loss.ema_halflife_kimg, cfg.loss.ema_rampup) \
