@@ -71,7 +71,8 @@ class TrainerConfig:
     precision: str = "auto"
     """auto (CUDA: bf16 where supported else fp16; CPU: bf16 where the CPU has native bf16, else fp32), bf16, fp16 (CUDA only) or fp32."""
     zero_stage: int = 1
-    """DeepSpeed ZeRO stage: 1 or 2."""
+    """DeepSpeed ZeRO stage: 0 (plain data parallel: for networks too small to shard, such as the
+    2-D point MLPs), 1 or 2."""
     log_every: int = 20
     """Steps between scalar logs (metrics.jsonl and W&B)."""
     sample_every: int = 250
@@ -287,7 +288,7 @@ SCHEMAS = {"vae": VAEConfig, "gan": GANConfig}
 CHOICES = {
     "kind": tuple(SCHEMAS),
     "trainer.precision": ("auto", "bf16", "fp16", "fp32"),
-    "trainer.zero_stage": (1, 2),
+    "trainer.zero_stage": (0, 1, 2),
     "wandb.mode": ("offline", "online", "disabled"),
     "data.channels": (1, 3),
     "loss.likelihood": ("bernoulli", "gaussian", "l1", "l2"),

@@ -201,6 +201,11 @@ def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
 
     for f in sorted(path.glob("*/state/*optim_states.pt")):
         walk(safe_torch_load(f)["optimizer_state_dict"], f"{f.parent.parent.name}/{f.name}")
+    for f in sorted(path.glob("*/state/*model_states.pt")):
+        # Without ZeRO (trainer.zero_stage=0) the optimizer's moments live in the model file.
+        optimizer = safe_torch_load(f).get("optimizer")
+        if optimizer is not None:
+            walk(optimizer, f"{f.parent.parent.name}/{f.name}/optimizer")
     return tensors
 
 
