@@ -71,10 +71,10 @@ def score(bench: str, npz: Path, shards: Path) -> dict:
     return {"modes": int(s["modes"]), "high_quality": round(s["high_quality"], 4)}
 
 
-def run_seed(bench: str, seed: int, work: Path, shards: Path, overrides: list[str]) -> dict:
+def run_seed(bench: str, seed: int, work: Path, shards: Path, overrides: list[str], threads: int = 1) -> dict:
     """One seed: train the preset, sample from its EMA generator, score the samples."""
     spec = BENCHES[bench]
-    env = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}  # small nets: threads only contend
+    env = {"OMP_NUM_THREADS": str(threads), "WANDB_MODE": "disabled"}
     run_dir = work / "runs" / f"{bench}-seed{seed}"
     t0 = time.perf_counter()
     gentrain("train", spec["preset"], f"run.seed={seed}", f"run.dir={run_dir}", f"data.shards={shards}",
@@ -99,8 +99,10 @@ def run_bench(bench: str, seeds: int, work: Path, overrides: list[str], jobs: in
     shards = work / "data" / spec["source"]
     if not (shards / "manifest.json").exists():
         gentrain("shards", "build", spec["source"], "--out", shards, "--quiet")
-    with ThreadPoolExecutor(max_workers=max(1, min(jobs, seeds))) as pool:
-        per_seed = list(pool.map(lambda s: run_seed(bench, s, work, shards, overrides), range(seeds)))
+    jobs = max(1, min(jobs, seeds))
+    threads = max(1, (os.cpu_count() or 1) // jobs)  # the cores shared out: more threads than cores only contend
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        per_seed = list(pool.map(lambda s: run_seed(bench, s, work, shards, overrides, threads), range(seeds)))
     summary = {"modes_mean": statistics.mean(r["modes"] for r in per_seed),
                "modes_min": min(r["modes"] for r in per_seed)}
     if bench == "stacked":
@@ -109,7 +111,7 @@ def run_bench(bench: str, seeds: int, work: Path, overrides: list[str], jobs: in
         summary["high_quality_mean"] = statistics.mean(r["high_quality"] for r in per_seed)
         summary["high_quality_min"] = min(r["high_quality"] for r in per_seed)
     summary["wall_seconds"] = round(time.perf_counter() - start, 1)  # the whole command: build, train, sample, score
-    summary["jobs"] = jobs
+    summary["jobs"], summary["threads_per_job"] = jobs, threads
     summary["load_avg_start"] = [round(x, 2) for x in load_start]
     summary["load_avg_end"] = [round(x, 2) for x in os.getloadavg()]  # 1, 5, 15 min: the machine is shared
     return {"preset": spec["preset"], "samples": spec["samples"], "overrides": overrides, "seeds": per_seed,
