@@ -95,6 +95,24 @@ def make_engine(module: nn.Module, optim: DictConfig, cfg: DictConfig, dist_info
     return engine
 
 
+def step_with_grad_norm(engine) -> float | None:
+    """``engine.step()``, returning the global norm of the gradients it stepped on (before
+    clipping), or None where the engine could not say.
+
+    ZeRO and DeepSpeed's bf16/fp16 optimizers compute that norm themselves; the plain fp32
+    engine of ``trainer.zero_stage=0`` does not, so it is taken here from the gradients
+    (already averaged over ranks, so the same on every rank) before the step clears them.
+    """
+    own = None
+    if not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()):
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        if grads:
+            own = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    engine.step()
+    norm = own if own is not None else engine.get_global_grad_norm()
+    return None if norm is None else float(norm)
+
+
 def make_adamw(params, optim: DictConfig, device: torch.device, fused: bool = True) -> torch.optim.AdamW:
     """torch AdamW, its fused kernel where this torch has one for the device (one pass over all
     parameters instead of a dozen foreach passes), else the foreach implementation."""

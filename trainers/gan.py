@@ -34,7 +34,7 @@ from models import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGene
 from trainers.augment import diff_augment, parse_ops
 from trainers.distributed import DistInfo, all_reduce_mean
 from trainers.ema import EMA
-from trainers.engines import make_engine, module_dtype
+from trainers.engines import make_engine, module_dtype, step_with_grad_norm
 from trainers.gan_diagnostics import (COVERAGE_KEYS, CollapseMonitor, coverage_kind, diversity,
                                       images_to_uint8_nchw, make_coverage_scorer)
 from trainers.gan_losses import (D_LOSSES, G_LOSSES, lazy_adam_compensation, r1_penalty, r2_penalty,
@@ -174,13 +174,12 @@ class GANTask:
             if not all_finite(self.dist.device, d_total):
                 return {"nonfinite_skipped": 1.0}  # skip the whole step: G would train against a broken D
             self.d.backward(d_total)
-            self.d.step()
+            d_norm = step_with_grad_norm(self.d)
             d_sums["d_loss"] += d_loss.item()
             d_sums["d_real_logit"] += real_logits.mean().item()
             d_sums["d_fake_logit"] += fake_logits.mean().item()
             d_sums["d_rt"] += real_logits.sign().mean().item()  # r_t = E[sign(D(real))] (StyleGAN2-ADA)
         metrics.update({k: v / loss_cfg.d_steps for k, v in d_sums.items()})
-        d_norm = self.d.get_global_grad_norm()
 
         # Generator phase: D's weights frozen so its engine sees no gradients from G's loss.
         self.d.module.requires_grad_(False)
@@ -190,7 +189,7 @@ class GANTask:
             g_ok = all_finite(self.dist.device, g_loss)
             if g_ok:
                 self.g.backward(g_loss)
-                self.g.step()
+                g_norm = step_with_grad_norm(self.g)
         finally:
             self.d.module.requires_grad_(True)
         if not g_ok:
@@ -201,7 +200,6 @@ class GANTask:
 
         if g_ok:
             metrics["g_loss"] = g_loss.item()
-            g_norm = self.g.get_global_grad_norm()
             if g_norm is not None:
                 metrics["grad_norm_g"] = float(g_norm)
         if d_norm is not None:
