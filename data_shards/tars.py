@@ -5,15 +5,16 @@ instead of through ``webdataset.tariterators.tar_file_iterator``: Python's tarfi
 tar cut at a member boundary, or one with a garbage header mid-archive, as a normal end of
 archive, and webdataset 1.0.2 then silently drops the rest of the shard.
 
-A plain local shard (what ``build_shards`` and most tar writers produce) is read whole and
-indexed with numpy instead of ``tarfile``; if every sample in it has the same members in the
-same order (the usual ``KEY.cls`` + ``KEY.jpg``), it becomes a :class:`ShardTable`: columns of
-keys, member spans and labels, built in bulk, so the stream's per-sample work is little more
-than the decode. Anything the index cannot vouch for goes through ``tarfile`` as before.
+A plain local shard (what ``build_shards`` and most tar writers produce) is mapped whole
+(see :func:`_map_file`) and indexed with numpy instead of ``tarfile``; if every sample in it
+has the same members in the same order (the usual ``KEY.cls`` + ``KEY.jpg``), it becomes a
+:class:`ShardTable`: columns of keys, member spans and labels, built in bulk, so the stream's
+per-sample work is little more than the decode. Anything the index cannot vouch for goes through ``tarfile`` as before.
 """
 
 from __future__ import annotations
 
+import mmap
 import operator
 import os
 import re
@@ -300,6 +301,28 @@ def _remember(key: tuple, table: ShardTable) -> None:
         _cached_samples -= len(old)
 
 
+def _map_file(f, size: int) -> "mmap.mmap | bytes":
+    """The bytes of the open file ``f`` of ``size`` bytes, mapped read-only where the OS can.
+
+    Mapped, a shard costs no copy: each sample's member is sliced straight out of the page
+    cache. Read into fresh memory instead, a shard costs a copy of the whole file (tar headers
+    and padding included) plus a page fault per 4 KiB; measured on 64x64 images, 2.7 us per
+    JPEG and 6.6 us per PNG, 7% of a JPEG's decode. The mapping lives as long as the bytes
+    object would (as long as a record or table refers to it). Caveat of any mapping: a shard
+    truncated *in place* while mapped makes touching its lost pages fatal (SIGBUS), where a
+    read would have kept the old bytes; shards replaced by rename (as build_shards writes
+    them) are safe.
+    """
+    try:
+        mapped = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    except (OSError, ValueError):  # a filesystem without mmap support
+        return f.read()
+    if os.fstat(f.fileno()).st_size != size:  # shrunk since its fstat: pages past the end would fault
+        mapped.close()
+        return f.read()
+    return mapped
+
+
 def _scan(url: str) -> ShardTable | tuple[bytes, list[tuple[str, str, int, int]]] | None:
     """A plain local tar as a ShardTable, or as (shard bytes, [(key, ext, start, end)] of its
     sample members); None where ``tarfile`` must read it.
@@ -316,7 +339,7 @@ def _scan(url: str) -> ShardTable | tuple[bytes, list[tuple[str, str, int, int]]
             st = os.fstat(f.fileno())
             if not 0 < st.st_size <= _FAST_TAR_MAX_BYTES:
                 return None
-            buf = f.read()
+            buf = _map_file(f, st.st_size)
     except OSError:
         return None  # let gopen report it
     identity = (url, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)

@@ -316,6 +316,25 @@ def test_decode_jpeg_into_is_decode_image_fast_for_plain_images_of_the_buffer_si
         assert decode.decode_jpeg_into(other, buffer) is None
 
 
+@pytest.mark.skipif(decode._pyspng is None, reason="pyspng not installed")
+def test_decode_png_rgb_is_decode_image_fast_for_pngs_of_the_shape():
+    rgba = np.dstack([photo(64, 64), np.full((64, 64), 7, np.uint8)])
+    cases = [png(photo(64, 64), mode) for mode in ("RGB", "L", "LA", "P", "I;16")]
+    cases += [png(rgba, "RGBA"), png(photo(64, 64), "P", transparency=0), png(photo(64, 64), "RGB", interlace=1)]
+    for data in cases:
+        got = decode.decode_png_rgb(data, (64, 64, 3))
+        ref = decode.decode_image_fast(data, 3, (64, 64))
+        if ref is None:
+            assert got is None
+        else:
+            assert got is not None and np.array_equal(got, ref) and np.array_equal(ref, pil_png_reference(data, 3, 64))
+    assert decode.decode_png_rgb(png(photo(64, 64), "I;16"), (64, 64, 3)) is None  # 16-bit: PIL's business
+    good = png(photo(64, 64), "RGB")
+    others = (png(photo(40, 50), "RGB"), png(photo(64, 65), "RGB"), good[: len(good) // 2], jpeg(photo(64, 64)), b"")
+    for other in others:  # other sizes, truncated, not a PNG
+        assert decode.decode_png_rgb(other, (64, 64, 3)) is None
+
+
 def test_labels_are_parsed_in_bulk_as_decode_label_parses_each():
     from data_shards.decode import decode_label
     from data_shards.tars import _parse_labels
