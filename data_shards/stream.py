@@ -191,13 +191,20 @@ class _SampleDecoder:
         data = buf[start:end]
         buffer = self.buffer
         if self.direct and buffer is not None:  # the usual images, each with a single decoder call
-            value = decode_jpeg_into(data, buffer) if plain else decode_png_rgb(data, buffer.shape)
+            value = _decode_direct(data, plain, buffer)
             if value is not None:
                 return value, label
         value = decode_image_fast(data, self.channels, self.target, self.max_pixels, buffer)
         if value is None:
             value = decode_image(data, image_ext, self.channels, self.size, self.max_pixels)
         return value, label
+
+
+def _decode_direct(data, plain: bool, slot: np.ndarray) -> np.ndarray | None:
+    """The direct path's one decoder call for an image whose HWC ``slot`` is its target: a plain
+    JPEG is decoded into ``slot``, an 8-bit PNG of ``slot``'s shape into a new array (libspng
+    takes no output buffer); None where the general path must decide."""
+    return decode_jpeg_into(data, slot) if plain else decode_png_rgb(data, slot.shape)
 
 
 def _detect_kind(raw: dict) -> str | None:
@@ -564,7 +571,6 @@ class _Batcher:
             return j
         labels, transpose, scratch = self.labels, self.transpose, self.scratch
         keys, urls = (self.keys, self.urls) if self.return_keys else (None, None)
-        shape = scratch.shape if transpose else array.shape[1:]
         start_j = j
         while j < n and i < size:
             raw = window[order[j]]
@@ -573,10 +579,7 @@ class _Batcher:
             buf, start, end, label, plain, key, url, _, (image_ext, _) = raw
             if label is None or image_ext is None:
                 break
-            if plain:
-                value = decode_jpeg_into(buf[start:end], scratch if transpose else array[i])
-            else:
-                value = decode_png_rgb(buf[start:end], shape)
+            value = _decode_direct(buf[start:end], plain, scratch if transpose else array[i])
             if value is None:
                 break
             if transpose:
