@@ -88,8 +88,9 @@ def make_engine(module: nn.Module, optim: DictConfig, cfg: DictConfig, dist_info
     engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_cfg)
     if int(cfg.trainer.zero_stage) == 0 and dist_info.world_size == 1:
         # Alone, there is nothing to average: DeepSpeed would still all-reduce every gradient
-        # bucket through the process group (a third of a 2-D point MLP's step, measured). ZeRO
-        # stages keep theirs: their optimizer reads the reduced partitions.
+        # bucket through the process group (measured on the ring8 preset's GAN step, one thread:
+        # 18.7 ms with it, 15-17 ms without). ZeRO stages keep theirs: their optimizer reads the
+        # reduced partitions.
         engine.enable_backward_allreduce = False
     use_safe_loading(engine)
     return engine

@@ -201,9 +201,9 @@ class GANTask:
         if g_ok:
             metrics["g_loss"] = g_loss.item()
             if g_norm is not None:
-                metrics["grad_norm_g"] = float(g_norm)
+                metrics["grad_norm_g"] = g_norm
         if d_norm is not None:
-            metrics["grad_norm_d"] = float(d_norm)
+            metrics["grad_norm_d"] = d_norm
         metrics.update({"lr_g": self.g.get_lr()[0], "lr_d": self.d.get_lr()[0]})
         every = self.cfg.diagnostics.every
         if every > 0 and self.num_steps % every == 0:
