@@ -366,6 +366,33 @@ def test_uniform_shards_become_tables_that_read_as_tarfile_does(tmp_path):
         assert list(read_shard(str(path))) == by_tarfile(path)
 
 
+def test_later_passes_reuse_a_kept_mapping_within_its_byte_budget(tmp_path, monkeypatch):
+    """A shard read again (a later pass) comes back as the same table, mapping and records,
+    with no new mapping; past the byte budget the oldest tables keep only their index, and
+    read the file again, to the same samples."""
+    from data_shards import tars
+
+    monkeypatch.setattr(tars, "_TABLE_CACHE", tars._TableCache(max_samples=100, max_mapped_bytes=1 << 20))
+    paths = [str(write_tar(tmp_path / f"s{k}.tar", [(f"k{i}.{ext}", f"{ext}{k}{i}".encode()) for i in range(3)
+                                                   for ext in ("cls", "jpg")])) for k in range(3)]
+    first = [tars._scan(path) for path in paths]
+    maps = []
+    monkeypatch.setattr(tars, "_map_file", lambda f, size: maps.append(size) or f.read())
+    assert [tars._scan(path) for path in paths] == first and maps == []  # the very same objects
+    assert tars._TABLE_CACHE.mapped_bytes == sum(len(t.buf) for t in first)
+
+    monkeypatch.undo()
+    cache = tars._TableCache(max_samples=100, max_mapped_bytes=len(first[0].buf) + 1)  # room for one
+    monkeypatch.setattr(tars, "_TABLE_CACHE", cache)
+    tables = [tars._scan(path) for path in paths]
+    assert [t.buf for _, t in cache.tables.values()] == [b"", b"", tables[2].buf]  # the newest stays mapped
+    again = tars._scan(paths[0])
+    assert again is not tables[0] and again.records(range(3)) == [(again.buf, *r[1:]) for r in tables[0].records(range(3))]
+    assert [bool(t.buf) for _, t in cache.tables.values()] == [False, False, True]  # paths 1, 2, 0
+    assert cache.mapped_bytes == len(again.buf) and cache.samples == 9
+    assert list(read_shard(paths[1])) == by_tarfile(paths[1])
+
+
 def test_a_rewritten_shard_is_indexed_afresh(tmp_path):
     path = tmp_path / "r.tar"
     write_tar(path, [("k0.cls", b"1"), ("k0.jpg", b"a"), ("k1.cls", b"2"), ("k1.jpg", b"b")])
