@@ -69,7 +69,7 @@ def train(cfg: DictConfig) -> int:
         else (0, 0, None)
     shards = resolve_shards(cfg.data.shards)
     data = DataFeed(cfg, shards, dist_info, step, data_state)
-    logger = RunLogger(cfg, run_dir, enabled=dist_info.is_main)
+    logger = RunLogger(cfg, run_dir, enabled=dist_info.is_main, start_step=step)
     stop = StopRequest()
     images_per_step = cfg.data.batch_size * dist_info.world_size
     max_steps = cfg.trainer.max_steps

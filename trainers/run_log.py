@@ -19,12 +19,21 @@ from trainers.images import save_png
 class RunLogger:
     """Writes one JSON object per logged step to metrics.jsonl and mirrors it to W&B."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, enabled: bool):
+    def __init__(self, cfg: DictConfig, run_dir: Path, enabled: bool, start_step: int = 0):
+        """``start_step``: the step this process starts from (the resumed checkpoint's, or 0).
+        Records of later steps come from a process whose work is not in that checkpoint (it
+        crashed, was preempted, or the run restarts with resume=never): they leave
+        metrics.jsonl for metrics.discarded.jsonl, so that metrics.jsonl is the curve the
+        weights actually followed, each step once."""
         self.enabled = enabled
         self.run_dir = run_dir
         self._wandb = None
         if not enabled:
             return
+        moved = discard_metrics_after(run_dir / "metrics.jsonl", start_step)
+        if moved:
+            print(f"[gentrain] metrics.jsonl: {moved} record(s) after step {start_step} (not in the checkpoint this "
+                  f"run starts from) moved to metrics.discarded.jsonl", flush=True)
         self._metrics = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.wandb.mode != "disabled":
             self._wandb = _init_wandb(cfg, run_dir)
@@ -66,6 +75,31 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()  # without finish(), the W&B service keeps the process alive at exit
             self._wandb = None
+
+
+def discard_metrics_after(path: Path, step: int) -> int:
+    """Move the records of ``path`` (metrics.jsonl) logged after ``step``, and any torn line a
+    killed process left, to metrics.discarded.jsonl beside it; return how many lines moved.
+    The rewrite is atomic: a crash in between leaves the old file or the new one, whole."""
+    if not path.is_file():
+        return 0
+    keep, moved = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            record_step = None
+        if not line.strip():
+            continue
+        (keep if isinstance(record_step, int) and record_step <= step and line.endswith("\n") else moved).append(line)
+    if not moved:
+        return 0
+    with open(path.with_name("metrics.discarded.jsonl"), "a") as discarded:
+        discarded.writelines(line if line.endswith("\n") else line + "\n" for line in moved)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    return len(moved)
 
 
 def _plain(value):
