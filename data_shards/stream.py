@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.shardlists import expand_urls
 
 from data_shards.errors import NoValidSamples
+from data_shards.slabs import SlabTransport, _WorkerSlabs
 from data_shards.decode import (
     _target_hw,
     BAD_LABEL,
@@ -328,6 +329,7 @@ class ShardStream(IterableDataset):
         self.channels_last = channels_last
         self.start_positions = dict(start_positions or {})
         self.worker_offset = worker_offset
+        self.transport: SlabTransport | None = None  # make_loader's, with DataLoader workers
 
     def slot(self) -> tuple[int, int, int]:
         """(slot, num_slots, logical worker) of the calling process/worker."""
@@ -340,7 +342,9 @@ class ShardStream(IterableDataset):
         slot, num_slots, logical = self.slot()
         skipped: Counter = Counter()
         decoder = _SampleDecoder(self.kind, self.channels, self.image_size, self.max_pixels)
-        batcher = _Batcher(self.batch_size, self.channels_last, self.return_keys, decoder, skipped, slot, logical)
+        slabs = self.transport.worker_slabs() if self.transport is not None else None
+        batcher = _Batcher(self.batch_size, self.channels_last, self.return_keys, decoder, skipped, slot, logical,
+                           slabs)
         yield from self._batches(slot, num_slots, skipped, self.start_positions.get(logical), decoder, batcher)
         if batcher.count:  # only reached when `passes` is finite
             end = {"pass": self.passes, "window": 0, "offset": 0, "share_all": False}
@@ -501,10 +505,10 @@ class _Batcher:
     """
 
     __slots__ = ("size", "channels_last", "return_keys", "decoder", "skipped", "slot", "logical", "count",
-                 "array", "labels", "keys", "urls", "transpose", "scratch", "spare")
+                 "array", "labels", "keys", "urls", "transpose", "scratch", "spare", "slabs", "new_array")
 
     def __init__(self, size: int, channels_last: bool, return_keys: bool, decoder: _SampleDecoder,
-                 skipped: Counter, slot: int, logical: int):
+                 skipped: Counter, slot: int, logical: int, slabs: "_WorkerSlabs | None" = None):
         self.size, self.channels_last, self.return_keys = size, channels_last, return_keys
         self.decoder, self.skipped, self.slot, self.logical = decoder, skipped, slot, logical
         self.count = 0
@@ -515,6 +519,9 @@ class _Batcher:
         self.transpose = False  # contiguous images: HWC -> CHW copy per sample
         self.scratch: np.ndarray | None = None  # contiguous mode: the reused HWC decode buffer
         self.spare: np.ndarray | None = None  # the next batch's array, once this one is full
+        # In a DataLoader worker, batch arrays are reused shared-memory slabs (data_shards.slabs).
+        self.slabs = slabs
+        self.new_array = slabs.allocate if slabs is not None else np.empty
 
     def add(self, value: np.ndarray, label: int, key: str, url: str) -> tuple | None:
         """Put a valid sample in; returns the full batch its arrival releases (see emit), or None.
@@ -552,7 +559,7 @@ class _Batcher:
         self.count = count
         array = self.array
         if count == self.size:
-            self.spare = np.empty_like(array)
+            self.spare = self.new_array(array.shape, array.dtype)
         if array.ndim == 4 and not self.transpose:
             self.decoder.buffer = array[count] if count < self.size else self.spare[0]
 
@@ -599,18 +606,22 @@ class _Batcher:
     def _allocate(self, value: np.ndarray) -> np.ndarray:
         if value.dtype == np.uint8 and not self.channels_last:
             height, width, channels = value.shape
-            self.array = np.empty((self.size, channels, height, width), dtype=np.uint8)
+            self.array = self.new_array((self.size, channels, height, width), np.uint8)
             self.transpose = True
             if channels == 3:
                 self.scratch = self.decoder.buffer = np.empty((height, width, 3), dtype=np.uint8)
         else:
-            self.array = np.empty((self.size, *value.shape), dtype=value.dtype)
+            self.array = self.new_array((self.size, *value.shape), value.dtype)
         return self.array
 
     def flush(self) -> tuple:
         """The batch being filled, however full, as ``add`` returns a full one; then empty."""
         n = self.count
-        out = (self.array[:n], self.labels[:n], self.keys, self.urls)
+        images = self.array[:n]
+        if self.slabs is not None:  # a partial slab goes out the usual way; the slab is free again
+            images = images.copy()
+            self.slabs.give_back(self.array)
+        out = (images, self.labels[:n], self.keys, self.urls)
         self.count, self.keys, self.urls = 0, [], []
         return out
 
@@ -619,14 +630,16 @@ class _Batcher:
         since the previous one, and ``position`` (pass, window, offset, share_all), where a
         resumed stream starts."""
         array, labels, keys, urls = batch
-        array = torch.from_numpy(array)
         out: dict[str, Any] = {}
-        if array.dtype != torch.uint8:
-            out["points"] = array
-        elif self.channels_last:
-            out["image"] = array.permute(0, 3, 1, 2)
+        key = "image" if array.dtype == np.uint8 else "points"
+        slab = None
+        if self.slabs is not None:
+            slab = self.slabs.reference(array, key, len(array), key == "image" and self.channels_last)
+        if slab is not None:
+            out["__slab__"] = slab  # the main process's loader puts out[key] back (SlabTransport.resolve)
         else:
-            out["image"] = array
+            array = torch.from_numpy(array)
+            out[key] = array.permute(0, 3, 1, 2) if key == "image" and self.channels_last else array
         out["label"] = torch.from_numpy(labels)
         skipped = self.skipped
         out["skipped"] = {reason: k for reason, k in skipped.items() if k}
@@ -677,13 +690,17 @@ def make_loader(
         image_size=image_size,
         **stream_options,
     )
-    worker_options = {"persistent_workers": True, "prefetch_factor": 2,
+    prefetch_factor = 2
+    pin_memory = torch.cuda.is_available()  # pinning only helps host-to-GPU copies
+    worker_options = {"persistent_workers": True, "prefetch_factor": prefetch_factor,
                       "worker_init_fn": _ignore_stop_signals} if num_workers > 0 else {}
+    if num_workers > 0:
+        dataset.transport = SlabTransport(num_workers, prefetch_factor + 3, pin_memory)
     loader = _Loader(
         dataset,
         batch_size=None,
         num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),  # pinning only helps host-to-GPU copies
+        pin_memory=pin_memory,
         **worker_options,
     )
     return loader
@@ -697,7 +714,13 @@ _EXIT_HOOK_LAST = False
 
 
 class _Loader(DataLoader):
-    """A DataLoader that remembers its iterators (see _stop_workers)."""
+    """A DataLoader that remembers its iterators (see _stop_workers) and, with workers, puts
+    back the batches they sent through shared-memory slabs (data_shards.slabs)."""
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        transport = getattr(self.dataset, "transport", None)
+        return _Resolving(iterator, transport) if transport is not None and self.num_workers > 0 else iterator
 
     def _get_iterator(self):
         global _EXIT_HOOK_LAST
@@ -713,6 +736,22 @@ class _Loader(DataLoader):
             atexit.register(_stop_workers)
             _EXIT_HOOK_LAST = True
         return iterator
+
+
+class _Resolving:
+    """The DataLoader iterator with each slab batch copied out of its slab (SlabTransport.resolve)."""
+
+    def __init__(self, iterator, transport: SlabTransport):
+        self._iterator, self._transport = iterator, transport
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self._transport.resolve(next(self._iterator))
+
+    def __getattr__(self, name):  # _workers, _shutdown_workers, ...: the DataLoader iterator's
+        return getattr(self._iterator, name)
 
 
 def _stop_workers() -> None:

@@ -364,6 +364,35 @@ def test_resumed_stream_continues_with_exactly_the_same_batches(digits_dir, num_
     assert any(b["__position__"]["pass"] >= 1 for b in uninterrupted), "test should cross a pass boundary"
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_worker_batches_through_reused_slabs_are_the_in_process_batches(digits_dir, channels_last):
+    """A worker decodes into a few shared-memory slabs it reuses (data_shards.slabs): 44 batches
+    through at most 5 slabs, all kept, equal the in-process stream's, final partial batch too; the
+    main process gets private copies, so a kept batch never changes when its slab is reused."""
+    options = dict(seed=5, shuffle_buffer=16, passes=3, channels_last=channels_last, image_size=16, channels=3)
+    want = list(ShardStream(digits_dir, 11, **options))  # 480 samples: 43 full batches and one of 7
+    loader = make_loader(digits_dir, 11, num_workers=1, **options)
+    got = list(loader)
+    assert loader.dataset.transport is not None and len(got) == len(want) == 44 and len(got[-1]["label"]) == 7
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys()
+        assert a["image"].stride() == b["image"].stride() and torch.equal(a["image"], b["image"])
+        assert torch.equal(a["label"], b["label"]) and a["__position__"] == b["__position__"]
+    assert not any(a["image"].is_shared() for a in got[:-1])  # the partial one goes out the usual way
+    assert 2 <= len(loader.dataset.transport._received) <= 5  # 43 full batches through at most 5 slabs
+    # A persistent worker's next epoch, after one cut short with batches still in flight: the
+    # DataLoader drops those, and the worker takes its slabs back (else it would wait forever).
+    for cut in (3, None):
+        again = list(islice(iter(loader), cut))
+        assert len(again) == (cut or 44)
+        assert all(torch.equal(a["image"], b["image"]) for a, b in zip(again, want))
+    # The same with the cut before the worker had sent every slab's tensor once.
+    fresh = make_loader(digits_dir, 11, num_workers=1, **options)
+    assert len(list(islice(iter(fresh), 1))) == 1
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(fresh, want))
+
+
 def test_a_script_holding_a_loader_with_workers_exits(digits_dir):
     """Workers ignore SIGTERM (SLURM signals them too), which is how multiprocessing stops
     daemonic children at exit; a script that still holds a loader, or only its iterator, must not hang there."""
