@@ -82,6 +82,7 @@ class SlabTransport:
         out.copy_(view)
         self.pipes[worker][1].send(number)  # after the copy: the worker may overwrite it now
         batch[key] = out.permute(0, 3, 1, 2) if channels_last else out
+        batch["label"] = torch.tensor(batch["label"], dtype=torch.int64)
         return batch
 
 

@@ -640,7 +640,9 @@ class _Batcher:
         else:
             array = torch.from_numpy(array)
             out[key] = array.permute(0, 3, 1, 2) if key == "image" and self.channels_last else array
-        out["label"] = torch.from_numpy(labels)
+        # With a slab, labels go as a list (a few hundred bytes pickled; DataLoader would turn a
+        # numpy array into a second shared-memory tensor); SlabTransport.resolve makes the tensor.
+        out["label"] = labels.tolist() if slab is not None else torch.from_numpy(labels)
         skipped = self.skipped
         out["skipped"] = {reason: k for reason, k in skipped.items() if k}
         skipped.clear()
