@@ -7,7 +7,8 @@ here (64x64 JPEG, batch 64, ``python -m bench.reader_limits``): ~2.6 ms per batc
 a small dict instead costs ~0.45 ms per message.
 
 So each worker decodes its batches straight into a few slabs of shared memory that it reuses,
-sends each slab's tensor once, and from then on only the slab's number. The main process copies
+sends each slab's tensor once, and from then on only the slab's number (labels go as a list):
+0.43 ms per batch sent, and 1 worker at ~0.86 of the in-process rate. The main process copies
 the batch out of the slab (into pinned memory when the loader pins) and hands the slab back over
 a pipe. At most ``prefetch_factor`` batches of a worker are in flight, plus the one it fills and
 the next one it has started, so ``prefetch_factor + 3`` slabs mean a worker never waits for one
