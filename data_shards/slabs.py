@@ -99,13 +99,16 @@ class _WorkerSlabs:
         self.free: list[int] = []
         self.sent: set[int] = set()  # slabs whose tensor the main process already has
         self.shape: tuple | None = None
+        self.enabled = True  # False once the slabs would not fit the shared-memory budget
 
     def allocate(self, shape: tuple, dtype) -> np.ndarray:
         """A free slab as an array of ``shape``; a new slab while there are fewer than the
         capacity, else one the main process released (waiting for it if need be)."""
-        if self.shape is not None and (tuple(shape), np.dtype(dtype)) != self.shape:
-            return np.empty(shape, dtype=dtype)  # another shape (not expected): sent the usual way
-        self.shape = (tuple(shape), np.dtype(dtype))
+        if self.shape is None:
+            self.shape = (tuple(shape), np.dtype(dtype))
+            self.enabled = self.capacity * np.dtype(dtype).itemsize * math.prod(shape) <= _shm_budget()
+        if not self.enabled or (tuple(shape), np.dtype(dtype)) != self.shape:
+            return np.empty(shape, dtype=dtype)  # sent the usual way (torch's transport)
         self._collect()
         if not self.free and len(self.arrays) < self.capacity:
             dt = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
@@ -155,3 +158,15 @@ class _WorkerSlabs:
             self.free.append(self.released.recv())
         elif os.getppid() != self.parent:  # the main process is gone: nothing will ever come back
             raise SystemExit(0)
+
+
+def _shm_budget(path: str = "/dev/shm") -> int:
+    """Bytes one worker's slabs may hold: a quarter of the free shared memory when the slabs
+    start. They stay allocated for the whole run (torch's transport holds only the batches in
+    flight), and a full tmpfs shows up as SIGBUS, not as an error: in a container with a small
+    /dev/shm (Docker's default is 64 MB) big batches keep to torch's transport instead."""
+    try:
+        st = os.statvfs(path)
+    except OSError:  # no /dev/shm (not Linux): torch's shared memory lives elsewhere
+        return 1 << 62
+    return st.f_bavail * st.f_frsize // 4

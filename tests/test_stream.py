@@ -393,6 +393,19 @@ def test_worker_batches_through_reused_slabs_are_the_in_process_batches(digits_d
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(fresh, want))
 
 
+@pytest.mark.timeout(60)
+def test_worker_batches_too_big_for_the_shared_memory_budget_go_the_usual_way(digits_dir, monkeypatch):
+    from data_shards import slabs
+
+    monkeypatch.setattr(slabs, "_shm_budget", lambda: 4 * 11 * 16 * 16 * 3)  # 4 slabs: 5 are needed
+    options = dict(seed=5, shuffle_buffer=16, passes=1, image_size=16, channels=3)
+    want = list(ShardStream(digits_dir, 11, **options))
+    loader = make_loader(digits_dir, 11, num_workers=1, **options)
+    got = list(loader)
+    assert len(got) == len(want) and all(torch.equal(a["image"], b["image"]) for a, b in zip(got, want))
+    assert loader.dataset.transport._received == {}  # no slab ever crossed
+
+
 def test_a_script_holding_a_loader_with_workers_exits(digits_dir):
     """Workers ignore SIGTERM (SLURM signals them too), which is how multiprocessing stops
     daemonic children at exit; a script that still holds a loader, or only its iterator, must not hang there."""
