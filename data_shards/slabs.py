@@ -95,7 +95,6 @@ class _WorkerSlabs:
         self.pid, self.parent = os.getpid(), os.getppid()
         self.tensors: list[torch.Tensor] = []
         self.arrays: list[np.ndarray] = []
-        self.number_of: dict[int, int] = {}  # id(array) -> slab number
         self.free: list[int] = []
         self.sent: set[int] = set()  # slabs whose tensor the main process already has
         self.shape: tuple | None = None
@@ -115,7 +114,6 @@ class _WorkerSlabs:
             storage = torch.UntypedStorage._new_shared(math.prod(shape) * dt.itemsize)
             tensor = torch.empty(0, dtype=dt).set_(storage, 0, shape)
             array = tensor.numpy()
-            self.number_of[id(array)] = len(self.arrays)
             self.free.append(len(self.arrays))
             self.tensors.append(tensor)
             self.arrays.append(array)
@@ -126,8 +124,8 @@ class _WorkerSlabs:
     def reference(self, array: np.ndarray, key: str, count: int, channels_last: bool) -> tuple | None:
         """The message entry that stands for ``array[:count]`` if ``array`` is one of these
         slabs (its tensor included the first time), else None."""
-        number = self.number_of.get(id(array))
-        if number is None or self.arrays[number] is not array:
+        number = self._number(array)
+        if number is None:
             return None
         handle = None
         if number not in self.sent:
@@ -137,9 +135,13 @@ class _WorkerSlabs:
 
     def give_back(self, array: np.ndarray) -> None:
         """Return a slab that will not be sent (its contents went out some other way)."""
-        number = self.number_of.get(id(array))
-        if number is not None and self.arrays[number] is array:
+        number = self._number(array)
+        if number is not None:
             self.free.append(number)
+
+    def _number(self, array: np.ndarray) -> int | None:
+        """The number of the slab ``array`` is (the very object handed out), or None."""
+        return next((number for number, slab in enumerate(self.arrays) if slab is array), None)
 
     def restart(self) -> None:
         """A new iteration of the stream in this worker (a persistent worker's next epoch): the

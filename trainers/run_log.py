@@ -85,12 +85,12 @@ def discard_metrics_after(path: Path, step: int) -> int:
         return 0
     keep, moved = [], []
     for line in path.read_text().splitlines(keepends=True):
+        if not line.strip():
+            continue
         try:
             record_step = json.loads(line)["step"]
         except (ValueError, KeyError, TypeError):
             record_step = None
-        if not line.strip():
-            continue
         (keep if isinstance(record_step, int) and record_step <= step and line.endswith("\n") else moved).append(line)
     if not moved:
         return 0
