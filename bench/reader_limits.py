@@ -1,8 +1,16 @@
-"""What bounds the shard reader at 64x64: where the decoder writes, and what a loader worker costs.
+"""What bounds the shard reader at 64x64: where the decoder reads from and writes to, and what a
+loader worker costs.
 
-``python -m bench.reader_limits`` (about 2 minutes here) prints two tables and writes
+``python -m bench.reader_limits`` (about 2 minutes here) prints three tables and writes
 ``bench/reader_limits.json``:
 
+* source: simplejpeg decoding the same 64x64 JPEGs (each into a fresh array, as raw decode)
+  from in-memory bytes objects (``raw_decode``), from a bytes copy sliced out of the shard's
+  mapping per image (what the reader's direct path does), from a ``memoryview`` slice of the
+  mapping (no copy), and from a bytes copy sliced out of the shard read into memory instead of
+  mapped. Measured 2026-12-02: the copy cost 0.83-0.95 of raw decode in these bare loops and the
+  view 0.94-1.0, yet the same view in the reader (decoding into batch slots) measured
+  0.97-1.02x the copy over 7 paired processes: not taken.
 * destination: simplejpeg decoding the same in-memory 64x64 JPEGs as ``bench.reader``'s
   ``raw_decode`` (its own fresh output each time), against decoding into a reused 8-slot array
   (96 KiB, which stays in L2), a reused 64-slot array (one batch, 786 KiB), two alternating
@@ -29,6 +37,44 @@ from bench.reader import build_bench_shards
 
 SIZE = 64
 BATCH = 64
+
+
+def source(shards: Path, rounds: int) -> dict:
+    """Images/s of each source of the encoded bytes, and its ratio to raw decode."""
+    from data_shards import decode
+    from data_shards.tars import shard_samples
+    from data_shards.stream import resolve_shards
+
+    sj = decode._simplejpeg
+    if sj is None:
+        return {"skipped": "simplejpeg is not installed"}
+    tables = [shard_samples(url) for url in resolve_shards(shards)]
+    if not all(hasattr(table, "records") for table in tables):
+        return {"skipped": "the bench shards are not indexed as tables"}
+    records = [record[:3] for table in tables for record in table.records(range(len(table)))]
+    encoded = [bytes(buf[start:end]) for buf, start, end in records]
+    views = {id(buf): memoryview(buf) for buf, _, _ in records}
+    viewed = [(views[id(buf)], start, end) for buf, start, end in records]
+    reads = {id(buf): bytes(buf) for buf, _, _ in records}  # the file's bytes, as a read would hold them
+    read = [(reads[id(buf)], start, end) for buf, start, end in records]
+
+    def raw() -> int:
+        for data in encoded:
+            sj.decode_jpeg(data, "RGB", False, False)
+        return len(encoded)
+
+    def sliced(spans):
+        def run() -> int:
+            for buf, start, end in spans:
+                sj.decode_jpeg(buf[start:end], "RGB", False, False)
+            return len(spans)
+        return run
+
+    fns = {"raw_decode": raw, "bytes_copy_of_mapping": sliced(records), "memoryview_of_mapping": sliced(viewed),
+           "bytes_copy_of_read": sliced(read)}
+    per_image = interleaved(fns, rounds)
+    return {name: {"images_per_s": 1.0 / median(t), "vs_raw_decode": median_ratio(per_image["raw_decode"], t)}
+            for name, t in per_image.items()}
 
 
 def destination(shards: Path, rounds: int) -> dict:
@@ -112,13 +158,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench/reader_limits.json"))
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gentrain-bench",
                         help="where the bench shards are built once (shared with bench.reader)")
+    parser.add_argument("--quick", action="store_true", help="256 images, one round: a smoke run, not a measurement")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    shards = build_bench_shards(args.work, SIZE, "jpg", 2048, shard_size=256)
-    results = {"destination": destination(shards, args.rounds), "worker": worker(shards, max(3, args.rounds // 3), 4096)}
-    for name, row in results["destination"].items():
-        if isinstance(row, dict):
-            print(f"destination {name:26s} {row['images_per_s']:8.0f} img/s  {row['vs_raw_decode']:.3f} of raw decode")
+    images, rounds = (256, 1) if args.quick else (2048, args.rounds)
+    shards = build_bench_shards(args.work, SIZE, "jpg", images, shard_size=images // 8)
+    results = {"quick": args.quick, "source": source(shards, rounds), "destination": destination(shards, rounds),
+               "worker": worker(shards, max(1 if args.quick else 3, rounds // 3), 2 * images)}
+    if args.quick:
+        print("QUICK smoke run: not meaningful")
+    for table in ("source", "destination"):
+        for name, row in results[table].items():
+            if isinstance(row, dict):
+                print(f"{table:11s} {name:26s} {row['images_per_s']:8.0f} img/s  {row['vs_raw_decode']:.3f} of raw decode")
     for name, row in results["worker"].items():
         if name != "fit":
             print(f"loader      {name:26s} {row['images_per_s']:8.0f} img/s")

@@ -29,3 +29,25 @@ def test_quick_bench_writes_the_named_ratios(tmp_path):
     assert results["quick"] is True
     table = (tmp_path / "results.md").read_text()
     assert "reader_vs_raw_decode" in table and "trainer_step_vs_bare_loop" in table
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(200)
+def test_reader_limits_smoke_run_writes_every_table(tmp_path):
+    out = tmp_path / "limits.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.reader_limits", "--quick", "--out", str(out), "--work", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert results["quick"] is True
+    for table, reference in (("source", "raw_decode"), ("destination", "raw_decode")):
+        rows = results[table]
+        assert "skipped" not in rows, rows  # simplejpeg is a dependency: the tables must run
+        assert rows[reference]["vs_raw_decode"] == 1.0
+        assert all(row["images_per_s"] > 0 for row in rows.values())
+    assert "memoryview_of_mapping" in results["source"] and "fresh_64_slots_per_batch" in results["destination"]
+    assert all(results["worker"][name]["images_per_s"] > 0 for name in ("in_process_batch_64", "worker_batch_64"))
+    assert set(results["worker"]["fit"]) == {"us_per_image", "ms_per_batch_sent"}
+    assert "QUICK smoke run" in proc.stdout
