@@ -393,6 +393,33 @@ def test_worker_batches_through_reused_slabs_are_the_in_process_batches(digits_d
     assert all(torch.equal(a["image"], b["image"]) for a, b in zip(fresh, want))
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_slab_batches_arrive_intact_when_workers_are_spawned(digits_dir, start_method):
+    """Workers that do not fork from the main process (spawn: macOS, Windows, CUDA users;
+    forkserver: Linux's default from Python 3.14) get the transport's pipes pickled, not
+    inherited: their slab batches must still equal the in-process stream's, through slabs."""
+    script = f"""
+import multiprocessing, sys, torch
+from data_shards.stream import ShardStream, make_loader
+if __name__ == "__main__":
+    multiprocessing.set_start_method({start_method!r})
+    options = dict(seed=5, shuffle_buffer=16, passes=2, image_size=16, channels=3)
+    want = list(ShardStream(sys.argv[1], 11, **options))
+    loader = make_loader(sys.argv[1], 11, num_workers=1, **options)
+    got = list(loader)
+    assert len(got) == len(want), (len(got), len(want))
+    for a, b in zip(got, want):
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+        assert a["__position__"] == b["__position__"]
+    print("slabs", len(loader.dataset.transport._received))
+"""
+    proc = subprocess.run([sys.executable, "-c", script, str(digits_dir)], cwd=Path(__file__).parents[1],
+                          capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert int(proc.stdout.split()[-1]) >= 2  # the batches came through (reused) slabs
+
+
 @pytest.mark.timeout(60)
 def test_worker_batches_too_big_for_the_shared_memory_budget_go_the_usual_way(digits_dir, monkeypatch):
     from data_shards import slabs
