@@ -77,6 +77,11 @@ def to_markdown(results: dict) -> str:
                              f"{r['reader_vs_raw_decode_into_batch']:.2f} | "
                              f"{_meets('reader_vs_webdataset', r['reader_vs_webdataset'])} | "
                              f"{r['reader_contiguous_vs_raw_decode']:.2f} | {r['reader_contiguous_vs_webdataset']:.2f} |")
+        spreads = [f"{size} {fmt} " + " / ".join(f"{p['reader_vs_raw_decode']:.2f}" for p in r["per_process"])
+                   for size, fmts in reader["reader"].items() for fmt, r in fmts.items() if r.get("per_process")]
+        if spreads:
+            lines += ["", "Each row is the median over fresh processes (one process's raw decode varies more than "
+                      "its reader); their reader_vs_raw_decode: " + "; ".join(spreads) + "."]
         lines.append("")
     if reader.get("decoders"):
         lines += ["**Decoder choice** (images/s per core on the shards' bytes, to RGB; ratio to PIL)", "",

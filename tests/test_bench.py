@@ -51,3 +51,20 @@ def test_reader_limits_smoke_run_writes_every_table(tmp_path):
     assert all(results["worker"][name]["images_per_s"] > 0 for name in ("in_process_batch_64", "worker_batch_64"))
     assert set(results["worker"]["fit"]) == {"us_per_image", "ms_per_batch_sent"}
     assert "QUICK smoke run" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_reader_figures_are_medians_over_fresh_processes(tmp_path):
+    import statistics
+
+    from bench.reader import bench_config_processes, build_bench_shards
+
+    shards = build_bench_shards(tmp_path, 64, "jpg", 64, shard_size=16)
+    figures = bench_config_processes(shards, 64, "jpg", 64, 1, processes=3)
+    runs = figures["per_process"]
+    assert figures["processes"] == 3 and len(runs) == 3
+    assert figures["reader_vs_raw_decode"] == statistics.median(r["reader_vs_raw_decode"] for r in runs)
+    assert figures["images_per_s"]["raw_decode"] == statistics.median(r["raw_decode_images_per_s"] for r in runs)
+    assert all(r["reader_vs_raw_decode"] > 0 and r["reader_vs_raw_decode_into_batch"] > 0 for r in runs)
+    assert len(figures["per_round_reader_vs_raw_decode"]) == 3  # one round in each process
