@@ -1,10 +1,13 @@
 """Peak RSS over a long run: is memory flat after warm-up?
 
-``python -m bench.memory reader SHARDS SIZE BATCHES`` and
+``python -m bench.memory reader SHARDS SIZE BATCHES [--workers N]`` and
 ``python -m bench.memory trainer WORK STEPS [--batch-size B] [--base-channels C] [key=value ...]``.
 
 * reader: a ``ShardStream`` (shuffle buffer 512, batch 64) in a fresh subprocess, RSS sampled
-  every 1% of the batches.
+  every 1% of the batches. With ``--workers N``, ``make_loader`` with N DataLoader workers
+  (their reused shared-memory slabs included, data_shards.slabs) and the RSS summed over the
+  main process and its workers (a slab's pages count in both: the sum is for flatness, not a
+  total).
 * trainer: the real trainer, ``gentrain train configs/vae_digits.yaml`` (DeepSpeed engine,
   logging, diagnostics, sample grids, checkpoints at the preset's cadence, the real shard
   reader), as its own process on the digits shards; this process samples the trainer's RSS
@@ -53,18 +56,33 @@ def summarise(points: list[tuple[int, float]], unit: str, peak: float | None = N
     }
 
 
-def reader_child(shards: str, size: int, batches: int) -> dict:
-    from data_shards.stream import ShardStream
+def reader_child(shards: str, size: int, batches: int, workers: int = 0) -> dict:
+    from data_shards.stream import ShardStream, make_loader
 
-    stream = iter(ShardStream(shards, 64, image_size=size, channels=3, shuffle_buffer=512))
+    if workers:
+        stream = iter(make_loader(shards, 64, num_workers=workers, image_size=size, channels=3, shuffle_buffer=512))
+    else:
+        stream = iter(ShardStream(shards, 64, image_size=size, channels=3, shuffle_buffer=512))
+
+    def rss() -> tuple[float, float]:  # (RSS, peak RSS) of this process and its workers, MiB
+        total, peak = rss_mib(), peak_rss_mib()
+        for worker in getattr(stream, "_workers", []):
+            status = _proc_status_mib(worker.pid)
+            if status is not None:
+                total, peak = total + status[0], peak + status[1]
+        return total, peak
+
     points = []
+    peak = 0.0
     every = max(1, batches // 100)
     for i in range(1, batches + 1):
         next(stream)
         if i % every == 0:
-            points.append((i, rss_mib()))
-    out = summarise(points, "batch")
-    out["shuffle_buffer"], out["batch_size"] = 512, 64
+            now, high = rss()
+            points.append((i, now))
+            peak = max(peak, high)
+    out = summarise(points, "batch", peak)
+    out["shuffle_buffer"], out["batch_size"], out["workers"] = 512, 64, workers
     return out
 
 
@@ -140,11 +158,13 @@ def run(quick: bool, root: Path, reader_shards: Path, reader_size: int, batches:
     steps = steps or (30 if quick else 1500)
     results = {}
     env = job_env()
-    proc = subprocess.run([sys.executable, "-m", "bench.memory", "reader", str(reader_shards), str(reader_size),
-                           str(batches)], capture_output=True, text=True, cwd=ROOT, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    results["reader"] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
-        "error": (proc.stderr or proc.stdout)[-2000:]}
+    for name, workers in (("reader", 0), ("reader, 2 workers", 2)):
+        proc = subprocess.run([sys.executable, "-m", "bench.memory", "reader", str(reader_shards), str(reader_size),
+                               str(batches), "--workers", str(workers)], capture_output=True, text=True, cwd=ROOT,
+                              env=env)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+        results[name] = json.loads(lines[-1]) if proc.returncode == 0 and lines else {
+            "error": (proc.stderr or proc.stdout)[-2000:]}
     results["trainer"] = trainer_run(root, steps, overrides=trainer_overrides)
     return results
 
@@ -156,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     reader.add_argument("shards")
     reader.add_argument("size", type=int)
     reader.add_argument("batches", type=int)
+    reader.add_argument("--workers", type=int, default=0, help="DataLoader workers (default 0: in-process)")
     trainer = sub.add_parser("trainer")
     trainer.add_argument("work")
     trainer.add_argument("steps", type=int)
@@ -167,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     if overrides and (args.kind != "trainer" or any("=" not in o for o in overrides)):
         parser.error(f"unrecognized arguments: {' '.join(overrides)}")
     if args.kind == "reader":
-        result = reader_child(args.shards, args.size, args.batches)
+        result = reader_child(args.shards, args.size, args.batches, args.workers)
     else:
         result = trainer_run(Path(args.work), args.steps, args.batch_size, args.base_channels, overrides,
                              trace=Path(args.trace) if args.trace else None)

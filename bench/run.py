@@ -138,7 +138,8 @@ def to_markdown(results: dict) -> str:
     memory = results.get("memory", {})
     if memory:
         lines += ["**Memory** (RSS sampled through the run; slope fitted after the first 30%; the reader is "
-                  "ShardStream with its 512-sample shuffle window, batch 64, 64x64 JPEG; the trainer is the real "
+                  "ShardStream with its 512-sample shuffle window, batch 64, 64x64 JPEG (with workers: make_loader, RSS "
+                  "summed over the main process and its workers); the trainer is the real "
                   "`gentrain train configs/vae_digits.yaml` process with the batch and model width shown, logging, "
                   "samples and checkpoints at the preset's cadence)", "",
                   "| process | length | RSS after warm-up | RSS end | peak RSS | slope | flat |",

@@ -68,3 +68,23 @@ def test_reader_figures_are_medians_over_fresh_processes(tmp_path):
     assert figures["images_per_s"]["raw_decode"] == statistics.median(r["raw_decode_images_per_s"] for r in runs)
     assert all(r["reader_vs_raw_decode"] > 0 and r["reader_vs_raw_decode_into_batch"] > 0 for r in runs)
     assert len(figures["per_round_reader_vs_raw_decode"]) == 3  # one round in each process
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_reader_memory_check_counts_the_loader_workers(tmp_path):
+    from bench.reader import build_bench_shards
+
+    shards = build_bench_shards(tmp_path, 64, "jpg", 64, shard_size=16)
+
+    def measure(workers: int) -> dict:
+        proc = subprocess.run([sys.executable, "-m", "bench.memory", "reader", str(shards), "64", "60",
+                               "--workers", str(workers)], cwd=ROOT, capture_output=True, text=True, timeout=200)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    alone, with_worker = measure(0), measure(1)
+    assert alone["batchs"] == with_worker["batchs"] == 60 and with_worker["workers"] == 1
+    # A worker is a second Python with torch imported: its RSS is in the sum.
+    assert with_worker["rss_end_mib"] > alone["rss_end_mib"] + 50
+    assert with_worker["peak_rss_mib"] >= with_worker["rss_end_mib"]
