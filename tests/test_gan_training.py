@@ -67,3 +67,21 @@ def test_lr_decay_follows_the_schedule_and_resumes_bit_exactly(tmp_path):
     assert records[12]["lr_g"] < 0.15e-3
     differing = differing_tensors(reference / "checkpoints" / "step-0000012", resumed / "checkpoints" / "step-0000012")
     assert not differing, differing[:3]
+
+
+def test_several_d_steps_in_fp32_log_the_last_d_steps_grad_norm(tmp_path):
+    """Plain fp32 engines (ZeRO 0) get their gradient norm from us, measured only on the last of
+    the D steps (the one logged): it must still be there, finite, on every step."""
+    shards = tmp_path / "ring8"
+    run_gentrain("shards", "build", "ring8", "--out", shards, "--num-samples", 512, "--shard-size", 256, "--quiet")
+    run_dir = tmp_path / "run"
+    run_gentrain("train", "configs/gan_ring8.yaml", f"run.dir={run_dir}", f"data.shards={shards}",
+                 "model.g_channels=16", "model.d_channels=16", "data.batch_size=32", "loss.d_steps=2",
+                 "trainer.precision=fp32", "trainer.zero_stage=0", "trainer.max_steps=3", "trainer.log_every=1",
+                 "trainer.ckpt_every=100", "trainer.sample_every=100", "trainer.progress=false",
+                 "diagnostics.every=0", "wandb.mode=disabled")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    for rec in records:
+        assert math.isfinite(rec["grad_norm_d"]) and rec["grad_norm_d"] > 0, rec
+        assert math.isfinite(rec["grad_norm_g"]) and rec["grad_norm_g"] > 0, rec

@@ -96,14 +96,18 @@ def make_engine(module: nn.Module, optim: DictConfig, cfg: DictConfig, dist_info
     return engine
 
 
-def step_with_grad_norm(engine) -> float | None:
+def step_with_grad_norm(engine, measure: bool = True) -> float | None:
     """``engine.step()``, returning the global norm of the gradients it stepped on (before
-    clipping), or None where the engine could not say.
+    clipping), or None where the engine could not say (or ``measure`` is False: a step whose
+    norm nobody reports, such as all but the last of several D steps, costs no extra norm).
 
     ZeRO and DeepSpeed's bf16/fp16 optimizers compute that norm themselves; the plain fp32
     engine of ``trainer.zero_stage=0`` does not, so it is taken here from the gradients
     (already averaged over ranks, so the same on every rank) before the step clears them.
     """
+    if not measure:
+        engine.step()
+        return None
     own = None
     if not (engine.zero_optimization() or engine.bfloat16_enabled() or engine.fp16_enabled()):
         grads = [p.grad for p in engine.module.parameters() if p.grad is not None]

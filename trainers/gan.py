@@ -174,7 +174,7 @@ class GANTask:
             if not all_finite(self.dist.device, d_total):
                 return {"nonfinite_skipped": 1.0}  # skip the whole step: G would train against a broken D
             self.d.backward(d_total)
-            d_norm = step_with_grad_norm(self.d)
+            d_norm = step_with_grad_norm(self.d, measure=i == loss_cfg.d_steps - 1)  # the last D step's is logged
             d_sums["d_loss"] += d_loss.item()
             d_sums["d_real_logit"] += real_logits.mean().item()
             d_sums["d_fake_logit"] += fake_logits.mean().item()
