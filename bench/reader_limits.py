@@ -39,17 +39,23 @@ SIZE = 64
 BATCH = 64
 
 
+def _vs_raw_decode(per_image: dict[str, list[float]]) -> dict:
+    """Images/s of each interleaved loop and its paired ratio to the ``raw_decode`` loop."""
+    return {name: {"images_per_s": 1.0 / median(t), "vs_raw_decode": median_ratio(per_image["raw_decode"], t)}
+            for name, t in per_image.items()}
+
+
 def source(shards: Path, rounds: int) -> dict:
     """Images/s of each source of the encoded bytes, and its ratio to raw decode."""
     from data_shards import decode
-    from data_shards.tars import shard_samples
+    from data_shards.tars import ShardTable, shard_samples
     from data_shards.stream import resolve_shards
 
     sj = decode._simplejpeg
     if sj is None:
         return {"skipped": "simplejpeg is not installed"}
     tables = [shard_samples(url) for url in resolve_shards(shards)]
-    if not all(hasattr(table, "records") for table in tables):
+    if not all(isinstance(table, ShardTable) for table in tables):
         return {"skipped": "the bench shards are not indexed as tables"}
     records = [record[:3] for table in tables for record in table.records(range(len(table)))]
     encoded = [bytes(buf[start:end]) for buf, start, end in records]
@@ -72,9 +78,7 @@ def source(shards: Path, rounds: int) -> dict:
 
     fns = {"raw_decode": raw, "bytes_copy_of_mapping": sliced(records), "memoryview_of_mapping": sliced(viewed),
            "bytes_copy_of_read": sliced(read)}
-    per_image = interleaved(fns, rounds)
-    return {name: {"images_per_s": 1.0 / median(t), "vs_raw_decode": median_ratio(per_image["raw_decode"], t)}
-            for name, t in per_image.items()}
+    return _vs_raw_decode(interleaved(fns, rounds))
 
 
 def destination(shards: Path, rounds: int) -> dict:
@@ -111,9 +115,7 @@ def destination(shards: Path, rounds: int) -> dict:
 
     fns = {"raw_decode": raw, "reused_8_slots": into_reused(8, 1), "reused_64_slots": into_reused(BATCH, 1),
            "two_alternating_64_slots": into_reused(BATCH, 2), "fresh_64_slots_per_batch": into_fresh}
-    per_image = interleaved(fns, rounds)
-    return {name: {"images_per_s": 1.0 / median(t), "vs_raw_decode": median_ratio(per_image["raw_decode"], t)}
-            for name, t in per_image.items()}
+    return _vs_raw_decode(interleaved(fns, rounds))
 
 
 def worker(shards: Path, rounds: int, images: int) -> dict:
