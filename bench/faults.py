@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from trainers.checkpoint import differing_tensors
+from trainers.runtime.checkpoint import differing_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30

@@ -9,7 +9,7 @@ on the preset (configs/gan_ring8.yaml, gan_grid25.yaml, gan_stacked_digits.yaml)
 - ring8 / grid25: 2,500 samples; a sample is high quality within 3 std of a mode; a mode is
   captured with at least one such sample (VEEGAN, PacGAN).
 - stacked: 26,000 samples; each channel classified by a digit probe fitted on the stacked
-  shards' own channels (trainers.gan_diagnostics.StackedDigitsProbe); modes covered of 1,000
+  shards' own channels (trainers.gan.diagnostics.StackedDigitsProbe); modes covered of 1,000
   and KL(generated mode frequencies || uniform).
 
 Results are merged into bench/gan_modes.json (one entry per benchmark, per-seed figures) and
@@ -57,7 +57,7 @@ def gentrain(*args, env=None) -> subprocess.CompletedProcess:
 
 
 def score(bench: str, npz: Path, shards: Path) -> dict:
-    from trainers.gan_diagnostics import PointModes, StackedDigitsProbe
+    from trainers.gan.diagnostics import PointModes, StackedDigitsProbe
 
     data = np.load(npz)
     if bench == "stacked":

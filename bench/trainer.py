@@ -51,8 +51,8 @@ def _bare_vae(cfg):
     """The same model and objective as VAETask (beta schedule, free bits, likelihood), by hand."""
     noise = torch.Generator().manual_seed(1)
     try:  # the objective as trainers/vae.py computes it now
-        from trainers.vae import build_vae, log_scale_of
-        from trainers.vae_objective import beta_at, kl_per_dim, kl_term, reconstruction_nll
+        from trainers.vae.task import build_vae, log_scale_of
+        from trainers.vae.objective import beta_at, kl_per_dim, kl_term, reconstruction_nll
 
         model = build_vae(cfg)
         lc = cfg.loss
@@ -65,7 +65,7 @@ def _bare_vae(cfg):
             return nll.mean() + beta * kl_term(kl_per_dim(out.mean_bz, out.logvar_bz), lc.free_bits)
     except ImportError:  # the original objective
         from models import ConvVAE
-        from trainers.vae import kl_to_standard_normal, reconstruction_nll
+        from trainers.vae.task import kl_to_standard_normal, reconstruction_nll
 
         model = ConvVAE(cfg.data.image_size, cfg.data.channels, cfg.model.latent_dim, cfg.model.base_channels)
 
@@ -94,8 +94,8 @@ def _bare_vae(cfg):
 
 
 def _bare_gan(cfg):
-    from trainers.gan import build_networks
-    from trainers.gan_losses import d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
+    from trainers.gan.task import build_networks
+    from trainers.gan.losses import d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
 
     g, d = build_networks(cfg)
     opt_g = torch.optim.AdamW(g.parameters(), lr=cfg.optim.g.lr, betas=tuple(cfg.optim.g.betas),
@@ -149,7 +149,7 @@ class _LoopBody:
         self.images_per_step = cfg.data.batch_size * dist_info.world_size
 
     def __call__(self, batch):
-        from trainers.distributed import all_reduce_mean, any_rank
+        from trainers.runtime.distributed import all_reduce_mean, any_rank
 
         self.skipped.update(batch.get("skipped", {}))
         scalars = self.task.train_step(batch)
@@ -179,9 +179,9 @@ def synthetic_batch(cfg, seed: int = 0) -> dict:
 
 def setup(kind: str, run_dir: Path, wandb_mode: str = "offline", overrides=()):
     """(cfg, dist_info, task, logger) as trainers/loop.py builds them."""
-    from trainers.distributed import init_distributed
+    from trainers.runtime.distributed import init_distributed
     from trainers.loop import build_task
-    from trainers.run_log import RunLogger
+    from trainers.runtime.run_log import RunLogger
 
     cfg = _config(kind, run_dir, wandb_mode, overrides)
     dist_info = init_distributed()
@@ -198,7 +198,7 @@ def setup(kind: str, run_dir: Path, wandb_mode: str = "offline", overrides=()):
 
 
 def bench_kind(kind: str, steps: int, rounds: int, root: Path, wandb_mode: str = "offline", reps: int = 3) -> dict:
-    from trainers.checkpoint import Checkpointer
+    from trainers.runtime.checkpoint import Checkpointer
 
     run_dir = root / f"trainer-{kind}"
     cfg, dist_info, task, logger = setup(kind, run_dir, wandb_mode)

@@ -24,7 +24,7 @@ rounds of the paired ratios (the machine is shared and noisy):
 
 Likelihood: both are trained for the same number of steps (``--steps`` x batch 64) on the digits
 train split (``gentrain train`` on the shards; pythae's ``BaseTrainer.train`` on the same images),
-then judged by the same code, ``trainers.evaluation.evaluate`` (IW-NLL bound with K samples, ELBO),
+then judged by the same code, ``trainers.judge.evaluation.evaluate`` (IW-NLL bound with K samples, ELBO),
 on the held-out test split: pythae's weights are loaded into a ConvVAE and written as a gentrain
 run directory, so the estimator, its seed and the data are identical.
 """
@@ -190,7 +190,7 @@ class BareSystem:
         import torch
 
         from models import ConvVAE
-        from trainers.vae_objective import kl_per_dim, reconstruction_nll
+        from trainers.vae.objective import kl_per_dim, reconstruction_nll
 
         torch.manual_seed(seed)
         self.model = ConvVAE(32, 1, 16, 32)
@@ -234,9 +234,9 @@ class GentrainSystem:
 
         from bench.trainer import _LoopBody, _seed
         from configs import load_config
-        from trainers.distributed import init_distributed
+        from trainers.runtime.distributed import init_distributed
         from trainers.loop import build_task
-        from trainers.run_log import RunLogger
+        from trainers.runtime.run_log import RunLogger
 
         cfg = load_config(str(PRESET), [f"run.dir={run_dir}", "run.name=bench-vae-pythae", "trainer.precision=fp32",
                                         "wandb.mode=disabled", "trainer.progress=false", *overrides])
@@ -428,7 +428,7 @@ def train_pythae(spec: dict, run_dir: Path, like: Path) -> dict:
 
 
 def likelihood(spec: dict, steps: int, k: int, root: Path) -> dict:
-    from trainers.evaluation import evaluate
+    from trainers.judge.evaluation import evaluate
 
     train, test = Path(spec["train"]), Path(spec["test"])
     g_dir, p_dir = root / "nll-gentrain", root / "nll-pythae"
@@ -473,7 +473,7 @@ def markdown(res: dict) -> str:
     if "likelihood" in res:
         lk = res["likelihood"]
         k = lk["k"]
-        lines += ["", f"## Held-out likelihood (digits test split, same `trainers.evaluation` code, K={k})", "",
+        lines += ["", f"## Held-out likelihood (digits test split, same `trainers.judge.evaluation` code, K={k})", "",
                   "| system | train steps | train samples | train samples/s (end to end) | IW-NLL (nats) | -ELBO (nats) | active units |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         g, p = lk["train"]["gentrain"], lk["train"]["pythae"]

@@ -9,7 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from configs.errors import ConfigError
 
-# DiffAugment's ops (trainers.augment implements them under these names).
+# DiffAugment's ops (trainers.gan.augment implements them under these names).
 AUGMENT_OPS = ("color", "translation", "cutout")
 
 

@@ -154,7 +154,7 @@ class VAEAdversarialConfig:
     """Upper clamp of the adaptive ratio before the factor (taming: 1e4)."""
     loss: str = "hinge"
     """Discriminator loss: hinge (taming's default), nonsaturating or wasserstein; the VAE gets the
-    matching generator loss (trainers.gan_losses)."""
+    matching generator loss (trainers.gan.losses)."""
     d_channels: int = 64
     """Discriminator width."""
     r1_gamma: float = 0.0

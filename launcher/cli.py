@@ -36,7 +36,7 @@ def _fail(message: str) -> int:
 def cmd_shards_build(args) -> int:
     from data_shards.build import build_shards
 
-    from trainers.evaluation import parse_labels
+    from trainers.judge.evaluation import parse_labels
 
     manifest = build_shards(args.source, args.out, shard_size=args.shard_size, image_size=args.image_size,
                             seed=args.seed, image_format=args.format, progress=not args.quiet,
@@ -231,7 +231,7 @@ def _launch_deepspeed(args, cfg, hosts, train_args: list[str], summary: str) -> 
 
 
 def cmd_sample(args) -> int:
-    from trainers.inference import sample_to_npz
+    from trainers.judge.inference import sample_to_npz
 
     path = sample_to_npz(args.run_dir, args.n, args.out, seed=args.seed)
     print(f"wrote {args.n} samples to {path}")
@@ -239,7 +239,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from trainers.evaluation import evaluate
+    from trainers.judge.evaluation import evaluate
 
     metrics = evaluate(args.run_dir, args.shards or _run_shards(args.run_dir), args.out, k=args.k,
                        num_samples=args.num_samples, seed=args.seed)
@@ -249,7 +249,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_anomaly(args) -> int:
-    from trainers.evaluation import anomaly_scores, parse_labels
+    from trainers.judge.evaluation import anomaly_scores, parse_labels
 
     summary = anomaly_scores(args.run_dir, args.shards, args.out, normal_labels=parse_labels(args.normal_labels), k=args.k)
     print(json.dumps(summary, indent=1))
@@ -257,7 +257,7 @@ def cmd_anomaly(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from trainers.evaluation import encode
+    from trainers.judge.evaluation import encode
 
     n = encode(args.run_dir, args.shards, args.out)
     print(f"wrote posterior mean and std of {n} samples to {args.out}")
@@ -271,7 +271,7 @@ def _run_shards(run_dir: str):
 
 
 def cmd_export(args) -> int:
-    from trainers.inference import export_weights
+    from trainers.judge.inference import export_weights
 
     path, facts = export_weights(args.run_dir, args.out, fmt=args.format, shards=args.shards,
                                  max_samples=args.max_samples)

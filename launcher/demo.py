@@ -51,7 +51,7 @@ def main() -> int:
 
     print("\nChecking the samples with a digit classifier trained on the real shards...", flush=True)
     t0 = time.perf_counter()
-    from trainers.probe import ClassProbe
+    from trainers.judge.probe import ClassProbe
 
     probe = ClassProbe(DATA, image_size=32, channels=1)
     coverage = {}

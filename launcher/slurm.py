@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from trainers.signals import REQUEUE_EXIT_CODE
+from trainers.runtime.signals import REQUEUE_EXIT_CODE
 
 
 @dataclass

@@ -17,7 +17,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from trainers.signals import REQUEUE_EXIT_CODE
+from trainers.runtime.signals import REQUEUE_EXIT_CODE
 
 DEFAULT_MASTER_PORT = 29500
 

@@ -6,7 +6,7 @@ This wrapper only adapts conventions:
 
 - pixels: our trainers hand images in [0, 1]; diffusers' encoder takes and its decoder returns
   images in [-1, 1] (its pipelines show `(y / 2 + 0.5).clamp(0, 1)`). So the decoder output is
-  a *linear* image, not logits: trainers read it with the `pm1` link (trainers.vae_objective).
+  a *linear* image, not logits: trainers read it with the `pm1` link (trainers.vae.objective).
 - latents: diffusers keeps them spatial, (B, C, h, w); our objective and diagnostics treat a
   latent as a flat vector, so encode() returns (B, C*h*w) and decode() takes the same.
 """
@@ -43,7 +43,7 @@ class AutoencoderKLVAE(nn.Module):
     """diffusers.AutoencoderKL with encode -> (mean, logvar) and decode -> image in [-1, 1]."""
 
     link = "pm1"
-    """How the decoder output maps to pixels: x = (y + 1) / 2 (see trainers.vae_objective)."""
+    """How the decoder output maps to pixels: x = (y + 1) / 2 (see trainers.vae.objective)."""
 
     def __init__(self, config: dict):
         super().__init__()

@@ -142,7 +142,7 @@ def edge_convs_as_gemm(module: nn.Module, on: bool = True) -> nn.Module:
 def to_channels_last(module: nn.Module, weights: bool = True) -> nn.Module:
     """Run a network in channels_last (in place): its edge convolutions' GEMM output in that
     layout and, with ``weights``, its 4-D weights too. Inputs must be channels_last as well
-    (trainers.engines does that with a forward pre-hook); a channels_last input alone is enough
+    (trainers.runtime.engines does that with a forward pre-hook); a channels_last input alone is enough
     for oneDNN to pick its channels_last kernels."""
     for m in module.modules():
         if isinstance(m, EdgeConv2d):

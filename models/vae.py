@@ -13,7 +13,7 @@ from models.blocks import down_block, num_resolution_steps, to_image, up_block, 
 @dataclass
 class VAEOutput:
     logits_bchw: torch.Tensor
-    """Decoder output: Bernoulli logits, or Gaussian means in logit space (see trainers.vae)."""
+    """Decoder output: Bernoulli logits, or Gaussian means in logit space (see trainers.vae.task)."""
     mean_bz: torch.Tensor
     logvar_bz: torch.Tensor
     z_bz: torch.Tensor

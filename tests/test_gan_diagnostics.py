@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from data_shards.build import MODE_STD, mode_centers
-from trainers.augment import diff_augment, parse_ops
-from trainers.gan_diagnostics import CollapseMonitor, PointModes, diversity, expected_distinct
+from trainers.gan.augment import diff_augment, parse_ops
+from trainers.gan.diagnostics import CollapseMonitor, PointModes, diversity, expected_distinct
 
 
 def mixture(source, n, seed=0, modes=None):

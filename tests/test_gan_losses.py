@@ -4,8 +4,8 @@ import math
 import torch
 
 from models import DCGANDiscriminator, MLPDiscriminator
-from trainers.ema import EMA
-from trainers.gan_losses import d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
+from trainers.gan.ema import EMA
+from trainers.gan.losses import d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
 
 
 def test_nonsaturating_losses_at_chance():
@@ -53,7 +53,7 @@ def test_ema_tracks_with_half_life_in_images():
 
 
 def test_hinge_and_wasserstein_losses():
-    from trainers.gan_losses import d_loss_hinge, d_loss_wasserstein, g_loss_linear
+    from trainers.gan.losses import d_loss_hinge, d_loss_wasserstein, g_loss_linear
 
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
     assert math.isclose(d_loss_hinge(real, fake).item(), (0 + 0.5) / 2 + (0 + 1) / 2)
@@ -63,7 +63,7 @@ def test_hinge_and_wasserstein_losses():
 
 
 def test_r2_and_wgan_gp_closed_forms_for_a_linear_discriminator():
-    from trainers.gan_losses import r2_penalty, wgan_gp_penalty
+    from trainers.gan.losses import r2_penalty, wgan_gp_penalty
 
     d = torch.nn.Linear(3, 1)
     net = torch.nn.Sequential(d, torch.nn.Flatten(0))
@@ -77,7 +77,7 @@ def test_r2_and_wgan_gp_closed_forms_for_a_linear_discriminator():
 
 
 def test_wgan_gp_is_finite_in_bf16_where_a_bf16_norm_is_not():
-    from trainers.gan_losses import wgan_gp_penalty
+    from trainers.gan.losses import wgan_gp_penalty
 
     torch.manual_seed(0)
     d = DCGANDiscriminator(16, 1, 8)
@@ -93,7 +93,7 @@ def test_wgan_gp_is_finite_in_bf16_where_a_bf16_norm_is_not():
 
 
 def test_lazy_regularisation_compensation_matches_stylegan2():
-    from trainers.gan_losses import lazy_adam_compensation
+    from trainers.gan.losses import lazy_adam_compensation
 
     lr, betas = lazy_adam_compensation(0.002, (0.0, 0.99), 16)  # StyleGAN2: D reg every 16 steps
     c = 16 / 17

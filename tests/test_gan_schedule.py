@@ -2,7 +2,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from trainers.gan import lr_factor
+from trainers.gan.task import lr_factor
 
 
 def optim(kind, start=0.5, final=0.0):

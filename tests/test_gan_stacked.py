@@ -7,8 +7,8 @@ import torch
 from bench.gan_modes import score
 from configs import load_config
 from data_shards.build import build_shards
-from trainers.gan import build_networks
-from trainers.probe import read_labelled_images
+from trainers.gan.task import build_networks
+from trainers.judge.probe import read_labelled_images
 
 PRESET = "configs/gan_stacked_digits.yaml"
 

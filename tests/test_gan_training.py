@@ -45,8 +45,8 @@ def test_bad_gan_options_exit_2_with_one_line(tmp_path, digit_shards, override, 
 def test_lr_decay_follows_the_schedule_and_resumes_bit_exactly(tmp_path):
     from omegaconf import OmegaConf
 
-    from trainers.checkpoint import differing_tensors
-    from trainers.gan import lr_factor
+    from trainers.runtime.checkpoint import differing_tensors
+    from trainers.gan.task import lr_factor
 
     shards = tmp_path / "ring8"
     run_gentrain("shards", "build", "ring8", "--out", shards, "--num-samples", 2000, "--shard-size", 500, "--quiet")

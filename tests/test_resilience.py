@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import ROOT, run_gentrain
-from trainers.checkpoint import checkpoint_tensors, differing_tensors
+from trainers.runtime.checkpoint import checkpoint_tensors, differing_tensors
 
 pytestmark = pytest.mark.slow
 

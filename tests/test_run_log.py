@@ -3,7 +3,7 @@ import json
 
 from omegaconf import OmegaConf
 
-from trainers.run_log import RunLogger, discard_metrics_after
+from trainers.runtime.run_log import RunLogger, discard_metrics_after
 
 
 def write_records(path, steps, torn_tail=""):

@@ -8,10 +8,10 @@ import torch
 from models import ConvVAE
 from models.autoencoder_kl import AutoencoderKLVAE, autoencoder_kl_config
 from tests.conftest import run_gentrain
-from trainers.checkpoint import differing_tensors
-from trainers.vae import last_decoder_layer
-from trainers.vae_adversarial import adaptive_weight
-from trainers.vae_objective import reconstruction_nll
+from trainers.runtime.checkpoint import differing_tensors
+from trainers.vae.task import last_decoder_layer
+from trainers.vae.adversarial import adaptive_weight
+from trainers.vae.objective import reconstruction_nll
 
 
 def test_adaptive_weight_is_the_ratio_of_the_last_layer_gradient_norms():

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 
 from tests.conftest import run_gentrain
-from trainers.inference import export_weights, load_sampler
+from trainers.judge.inference import export_weights, load_sampler
 
 # A small AutoencoderKL so a CPU run takes seconds: 32x32 -> 4x16x16 latents.
 SMALL = ("model.block_out_channels=[8,16]", "model.norm_num_groups=8", "model.mid_block_attention=false",

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from trainers.vae import interpolation_smoothness, slerp
-from trainers.vae_objective import (active_units, beta_at, kl_per_dim, kl_term, log_normal, mutual_information,
+from trainers.vae.task import interpolation_smoothness, slerp
+from trainers.vae.objective import (active_units, beta_at, kl_per_dim, kl_term, log_normal, mutual_information,
                                     reconstruction_nll)
 
 

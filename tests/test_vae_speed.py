@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from models import ConvVAE
 from models.blocks import EdgeConv2d, EdgeConvTranspose2d, GroupNorm, edge_convs_as_gemm, to_channels_last
-from trainers.engines import keep_freed_host_memory, make_adamw, prepare_module
+from trainers.runtime.engines import keep_freed_host_memory, make_adamw, prepare_module
 
 CL = torch.channels_last
 

@@ -19,14 +19,14 @@ from tqdm import tqdm
 
 from configs import to_yaml
 from data_shards.stream import NoValidSamples, make_loader, resolve_shards
-from trainers.checkpoint import Checkpointer
-from trainers.distributed import any_rank, barrier, init_distributed, shutdown
-from trainers.engines import resolve_precision
-from trainers.faults import NonFiniteFault
-from trainers.guard import weights_finite
-from trainers.meter import Meter
-from trainers.run_log import RunLogger
-from trainers.signals import REQUEUE_EXIT_CODE, StopRequest
+from trainers.runtime.checkpoint import Checkpointer
+from trainers.runtime.distributed import any_rank, barrier, init_distributed, shutdown
+from trainers.runtime.engines import resolve_precision
+from trainers.runtime.faults import NonFiniteFault
+from trainers.runtime.guard import weights_finite
+from trainers.runtime.meter import Meter
+from trainers.runtime.run_log import RunLogger
+from trainers.runtime.signals import REQUEUE_EXIT_CODE, StopRequest
 
 
 MAX_ROLLBACKS_IN_ROW = 3
@@ -38,9 +38,9 @@ class TrainingDiverged(RuntimeError):
 
 def build_task(cfg: DictConfig, dist_info, precision: str):
     if cfg.kind == "vae":
-        from trainers.vae import VAETask
+        from trainers.vae.task import VAETask
         return VAETask(cfg, dist_info, precision)
-    from trainers.gan import GANTask
+    from trainers.gan.task import GANTask
     return GANTask(cfg, dist_info, precision)
 
 

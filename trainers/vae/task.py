@@ -1,5 +1,5 @@
 """The VAE step: reconstruction NLL + beta(step) * KL, with free bits, posterior diagnostics
-and latent interpolations; optionally an adversarial term (trainers.vae_adversarial).
+and latent interpolations; optionally an adversarial term (trainers.vae.adversarial).
 
 Two architectures: the small convolutional VAE (models.vae, Bernoulli logits out) and diffusers'
 AutoencoderKL (models.autoencoder_kl, an image in [-1, 1] out); `decoder_link` says which."""
@@ -15,12 +15,12 @@ from torch import nn
 from configs.checks import check_vae
 from models import AutoencoderKLVAE, ConvVAE
 from models.autoencoder_kl import autoencoder_kl_config
-from trainers.distributed import DistInfo
-from trainers.engines import make_engine, module_dtype
-from trainers.guard import all_finite
-from trainers.images import make_grid, to_uint8
-from trainers.vae_adversarial import VAEAdversary, to_pm1
-from trainers.vae_objective import (LIKELIHOODS, active_units, beta_at, kl_per_dim, kl_term, mutual_information,
+from trainers.runtime.distributed import DistInfo
+from trainers.runtime.engines import make_engine, module_dtype
+from trainers.runtime.guard import all_finite
+from trainers.runtime.images import make_grid, to_uint8
+from trainers.vae.adversarial import VAEAdversary, to_pm1
+from trainers.vae.objective import (LIKELIHOODS, active_units, beta_at, kl_per_dim, kl_term, mutual_information,
                                     reconstruction_nll, to_pixels)
 
 INTERP_STEPS = 10
@@ -41,7 +41,7 @@ def build_vae(cfg: DictConfig) -> nn.Module:
 
 
 def decoder_link(cfg: DictConfig) -> str:
-    """How the configured VAE's decoder output maps to pixels (trainers.vae_objective.LINKS)."""
+    """How the configured VAE's decoder output maps to pixels (trainers.vae.objective.LINKS)."""
     return "pm1" if cfg.model.arch == "autoencoder_kl" else "sigmoid"
 
 
@@ -129,7 +129,7 @@ class VAETask:
                                                                out.z_bz, lambda y: self._recon_nll(y, x).mean(), self.link)
             loss = loss + weight * g_loss
             scalars.update({"adv/g_loss": g_loss.item(), "adv/weight": weight.item()})
-        if batch.get("poison"):  # fault injection (trainers.faults): a real NaN through the real guard
+        if batch.get("poison"):  # fault injection (trainers.runtime.faults): a real NaN through the real guard
             loss = loss * float("nan")
         if not all_finite(self.dist.device, loss):
             return {"nonfinite_skipped": 1.0}  # no backward, no step: the weights stay as they were

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from trainers.distributed import DistInfo, any_rank, barrier
+from trainers.runtime.distributed import DistInfo, any_rank, barrier
 
 COMPLETE = "COMPLETE"
 DS_TAG = "state"
@@ -184,7 +184,7 @@ def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
 
     What two runs are compared on to decide that they are bitwise the same.
     """
-    from trainers.safe_load import safe_torch_load
+    from trainers.runtime.safe_load import safe_torch_load
 
     path = Path(path)
     tensors = {f"weights/{k}": v for k, v in load_file(str(path / "weights.safetensors")).items()}

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from trainers.images import save_png
+from trainers.runtime.images import save_png
 
 
 class RunLogger:

@@ -5,7 +5,7 @@ from collections import Counter
 
 import torch
 
-from trainers.distributed import all_reduce_mean
+from trainers.runtime.distributed import all_reduce_mean
 
 # Scalars that count events over steps (summed over steps, not averaged). Ranks agree on them
 # (the decision to skip a step is collective), so the mean over ranks is the count.

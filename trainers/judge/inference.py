@@ -15,9 +15,9 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from configs import ConfigError, load_config
-from trainers.checkpoint import latest_complete
-from trainers.vae import build_vae, decoder_link
-from trainers.vae_objective import to_pixels
+from trainers.runtime.checkpoint import latest_complete
+from trainers.vae.task import build_vae, decoder_link
+from trainers.vae.objective import to_pixels
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path:
@@ -54,7 +54,7 @@ def load_sampler(run_dir: str | Path) -> tuple[torch.nn.Module, object]:
         net = build_vae(cfg)
         net.load_state_dict(_submodule(weights, "vae."))
     else:
-        from trainers.gan import build_networks
+        from trainers.gan.task import build_networks
 
         net, _ = build_networks(cfg)
         ema = _submodule(weights, "g_ema.")

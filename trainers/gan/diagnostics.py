@@ -2,7 +2,7 @@
 
 Three families of numbers, as the mode-collapse literature measures them:
 
-- Discriminator health (computed in trainers.gan every step, they are free): mean real and fake
+- Discriminator health (computed in trainers.gan.task every step, they are free): mean real and fake
   logits, r_t = E[sign(D(x_real))] (the StyleGAN2-ADA overfitting heuristic: near 1 means D
   separates every real sample), gradient norms of G and D.
 - Diversity (:func:`diversity`): mean pairwise L2 distance within a generated batch over the
@@ -12,7 +12,7 @@ Three families of numbers, as the mode-collapse literature measures them:
   2-D mixtures (ring8, grid25): modes captured and high-quality fraction (the VEEGAN/PacGAN
   protocol: a sample is high quality within 3 std of a mode; a mode is captured with >= 1
   such sample); stacked-digits: each channel classified by a digit probe, 1,000 modes, KL to
-  uniform; other labelled images: trainers.probe.ClassProbe, classes covered and KL to the
+  uniform; other labelled images: trainers.judge.probe.ClassProbe, classes covered and KL to the
   real class frequencies.
 
 :class:`CollapseMonitor` turns these into an alert: a line on stdout saying why (rank 0, once
@@ -112,7 +112,7 @@ class StackedDigitsProbe:
     def __init__(self, shards, image_size: int, max_images: int = 4000, seed: int = 0):
         from sklearn.linear_model import LogisticRegression
 
-        from trainers.probe import _features, read_labelled_images
+        from trainers.judge.probe import _features, read_labelled_images
 
         images, labels = read_labelled_images(shards, image_size, 3)
         images, labels = images[:max_images], labels[:max_images]
@@ -141,12 +141,12 @@ class StackedDigitsProbe:
 
 
 class LabelledImages:
-    """Classes of generated images by trainers.probe.ClassProbe, fitted on the real shards."""
+    """Classes of generated images by trainers.judge.probe.ClassProbe, fitted on the real shards."""
 
     kind = "classes"
 
     def __init__(self, shards, image_size: int, channels: int):
-        from trainers.probe import ClassProbe
+        from trainers.judge.probe import ClassProbe
 
         self.probe = ClassProbe(shards, image_size, channels)
 

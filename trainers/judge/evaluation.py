@@ -1,7 +1,7 @@
 """Judge a trained run on held-out shards: likelihood bounds, anomaly scores, latents, coverage.
 
 Used by `gentrain evaluate`, `gentrain anomaly` and `gentrain encode`; reads the run's fp32
-weights (trainers.inference), never a pickled file.
+weights (trainers.judge.inference), never a pickled file.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import numpy as np
 import torch
 
 from data_shards.stream import ShardStream
-from trainers.inference import load_sampler, sample_to_npz
-from trainers.vae import decoder_link, log_scale_of
-from trainers.vae_objective import (LIKELIHOODS, active_units, decoder_mean, kl_per_dim, log_normal,
+from trainers.judge.inference import load_sampler, sample_to_npz
+from trainers.vae.task import decoder_link, log_scale_of
+from trainers.vae.objective import (LIKELIHOODS, active_units, decoder_mean, kl_per_dim, log_normal,
                                     log_normal_standard, mutual_information, reconstruction_nll)
 
 
@@ -93,7 +93,7 @@ def gan_coverage(run_dir, shards, cfg, num_samples: int, seed: int) -> dict:
     """Class coverage of a GAN's samples, judged by a probe trained on the labelled shards."""
     import tempfile
 
-    from trainers.probe import ClassProbe
+    from trainers.judge.probe import ClassProbe
 
     if cfg.model.arch == "mlp":
         raise ValueError("point-set GANs are evaluated by `python -m bench.gan_modes`")

@@ -9,12 +9,12 @@ loss.d_steps = n it is split into n equal chunks, one per D update (each against
 fakes); G then updates once on data.batch_size fresh latents. So a loop step still consumes
 exactly one batch, whatever n is, and resuming stays exact.
 
-Penalties (R1, R2, WGAN-GP; trainers.gan_losses) run in fp32 on the first D update of every
+Penalties (R1, R2, WGAN-GP; trainers.gan.losses) run in fp32 on the first D update of every
 k-th step (k = loss.r1_every), scaled by k; D's Adam is built with StyleGAN2's lr*c, beta**c,
-c = k/(k+1). Every phase's loss is checked finite on all ranks at once (trainers.guard) before
+c = k/(k+1). Every phase's loss is checked finite on all ranks at once (trainers.runtime.guard) before
 its backward; a non-finite D loss skips the rest of the step and is counted.
 
-Diagnostics (trainers.gan_diagnostics): r_t and gradient norms every step; diversity, mode
+Diagnostics (trainers.gan.diagnostics): r_t and gradient norms every step; diversity, mode
 coverage and the collapse alert every diagnostics.every steps, decided on values agreed by all
 ranks (one all-reduce and one broadcast at those steps, on every rank).
 """
@@ -31,16 +31,16 @@ from omegaconf import DictConfig, OmegaConf
 from configs.checks import check_gan
 from data_shards.stream import batch_to_float
 from models import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
-from trainers.augment import diff_augment, parse_ops
-from trainers.distributed import DistInfo, all_reduce_mean
-from trainers.ema import EMA
-from trainers.engines import make_engine, module_dtype, step_with_grad_norm
-from trainers.gan_diagnostics import (COVERAGE_KEYS, CollapseMonitor, coverage_kind, diversity,
+from trainers.gan.augment import diff_augment, parse_ops
+from trainers.runtime.distributed import DistInfo, all_reduce_mean
+from trainers.gan.ema import EMA
+from trainers.runtime.engines import make_engine, module_dtype, step_with_grad_norm
+from trainers.gan.diagnostics import (COVERAGE_KEYS, CollapseMonitor, coverage_kind, diversity,
                                       images_to_uint8_nchw, make_coverage_scorer)
-from trainers.gan_losses import (D_LOSSES, G_LOSSES, lazy_adam_compensation, r1_penalty, r2_penalty,
+from trainers.gan.losses import (D_LOSSES, G_LOSSES, lazy_adam_compensation, r1_penalty, r2_penalty,
                                  wgan_gp_penalty)
-from trainers.guard import all_finite
-from trainers.images import make_grid, scatter_plot, to_uint8
+from trainers.runtime.guard import all_finite
+from trainers.runtime.images import make_grid, scatter_plot, to_uint8
 
 
 def build_networks(cfg: DictConfig):
@@ -165,7 +165,7 @@ class GANTask:
             real_logits, fake_logits = logits[:m], logits[m:]
             d_loss = self.d_loss_fn(real_logits, fake_logits)
             d_total = d_loss
-            if batch.get("poison"):  # fault injection (trainers.faults): a real NaN through the real guard
+            if batch.get("poison"):  # fault injection (trainers.runtime.faults): a real NaN through the real guard
                 d_total = d_total * float("nan")
             if do_reg and i == 0:
                 penalty, values = self._d_penalties(real_in, fake_in)

@@ -1,7 +1,7 @@
 """The VAE's optional adversarial term, as in the latent-diffusion autoencoder (taming-transformers'
 LPIPSWithDiscriminator, without the perceptual loss, whose weights cannot be downloaded here).
 
-The discriminator, its losses and R1 are the GAN trainer's (models.gan, trainers.gan_losses),
+The discriminator, its losses and R1 are the GAN trainer's (models.gan, trainers.gan.losses),
 wrapped in a DeepSpeed engine of its own by the same make_engine. From `start_step` on, each
 step adds lambda * L_adv to the VAE loss, with the adaptive weight
 
@@ -26,11 +26,11 @@ from omegaconf import DictConfig
 from torch import nn
 
 from models import DCGANDiscriminator
-from trainers.distributed import DistInfo
-from trainers.engines import make_engine, module_dtype
-from trainers.gan_losses import D_LOSSES, G_LOSSES, r1_penalty
-from trainers.guard import all_finite
-from trainers.vae_objective import decoder_mean
+from trainers.runtime.distributed import DistInfo
+from trainers.runtime.engines import make_engine, module_dtype
+from trainers.gan.losses import D_LOSSES, G_LOSSES, r1_penalty
+from trainers.runtime.guard import all_finite
+from trainers.vae.objective import decoder_mean
 
 EPS = 1e-4  # taming-transformers' denominator guard
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from trainers.distributed import any_rank
+from trainers.runtime.distributed import any_rank
 
 
 def all_finite(device: torch.device, *tensors: torch.Tensor) -> bool:

@@ -11,8 +11,8 @@ from torch import nn
 from configs import ConfigError
 
 from models.blocks import edge_convs_as_gemm, to_channels_last
-from trainers.distributed import DistInfo
-from trainers.safe_load import use_safe_loading
+from trainers.runtime.distributed import DistInfo
+from trainers.runtime.safe_load import use_safe_loading
 
 
 class PrecisionError(ConfigError):

@@ -1,0 +1,1 @@
+"""Judging trained models: sampling and export, evaluation, metrics and feature extractors."""

@@ -1,0 +1,1 @@
+"""The VAE task: its step, the objective (likelihoods, KL, schedules) and the optional adversarial term."""
