@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from bench.common import interleaved, median, median_ratio
+from trainers.runtime.clock import Clock
 
 
 def _config(kind: str, run_dir: Path, wandb_mode: str, overrides=()):
@@ -50,29 +51,19 @@ def _seed(seed: int) -> None:
 def _bare_vae(cfg):
     """The same model and objective as VAETask (beta schedule, free bits, likelihood), by hand."""
     noise = torch.Generator().manual_seed(1)
-    try:  # the objective as trainers/vae.py computes it now
-        from trainers.vae.task import build_vae, log_scale_of
-        from trainers.vae.objective import beta_at, kl_per_dim, kl_term, reconstruction_nll
+    # the objective as trainers/vae/task.py computes it
+    from trainers.vae.task import build_vae, log_scale_of
+    from trainers.vae.objective import beta_at, kl_per_dim, kl_term, reconstruction_nll
 
-        model = build_vae(cfg)
-        lc = cfg.loss
+    model = build_vae(cfg)
+    lc = cfg.loss
 
-        def loss_of(x, num_steps):
-            beta = beta_at(num_steps, lc.beta, lc.beta_schedule, lc.beta_warmup_steps, lc.beta_cycle_steps,
-                           lc.beta_cycle_ramp)
-            out = model(x, generator=noise)
-            nll = reconstruction_nll(out.logits_bchw, x, lc.likelihood, log_scale_of(model, cfg))
-            return nll.mean() + beta * kl_term(kl_per_dim(out.mean_bz, out.logvar_bz), lc.free_bits)
-    except ImportError:  # the original objective
-        from models import ConvVAE
-        from trainers.vae.task import kl_to_standard_normal, reconstruction_nll
-
-        model = ConvVAE(cfg.data.image_size, cfg.data.channels, cfg.model.latent_dim, cfg.model.base_channels)
-
-        def loss_of(x, num_steps):
-            out = model(x, generator=noise)
-            nll = reconstruction_nll(out.logits_bchw, x, cfg.loss.likelihood)
-            return (nll + cfg.loss.beta * kl_to_standard_normal(out.mean_bz, out.logvar_bz).sum(1)).mean()
+    def loss_of(x, num_steps):
+        beta = beta_at(num_steps, lc.beta, lc.beta_schedule, lc.beta_warmup_steps, lc.beta_cycle_steps,
+                       lc.beta_cycle_ramp)
+        out = model(x, generator=noise)
+        nll = reconstruction_nll(out.logits_bchw, x, lc.likelihood, log_scale_of(model, cfg))
+        return nll.mean() + beta * kl_term(kl_per_dim(out.mean_bz, out.logvar_bz), lc.free_bits)
 
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                             weight_decay=cfg.optim.weight_decay)
@@ -145,23 +136,27 @@ class _LoopBody:
         self.cfg, self.task, self.logger, self.dist = cfg, task, logger, dist_info
         self.bar = tqdm(total=10**9, file=io.StringIO(), mininterval=1.0, unit="step")
         self.sums, self.skipped = Counter(), Counter()
-        self.step, self.since, self.tick = 0, 0, time.perf_counter()
-        self.images_per_step = cfg.data.batch_size * dist_info.world_size
+        self.since, self.tick = 0, time.perf_counter()
+        self.clock = Clock(images_per_step=cfg.data.batch_size * dist_info.world_size)
+
+    @property
+    def step(self) -> int:
+        return self.clock.step
 
     def __call__(self, batch):
         from trainers.runtime.distributed import all_reduce_mean, any_rank
 
         self.skipped.update(batch.get("skipped", {}))
-        scalars = self.task.train_step(batch)
-        self.step += 1
+        scalars = self.task.train_step(batch, self.clock)
+        self.clock.tick()
         self.since += 1
         self.sums.update(scalars)
         self.bar.update(1)
         if self.step % self.cfg.trainer.log_every == 0:
             elapsed = time.perf_counter() - self.tick
             means = all_reduce_mean({k: v / self.since for k, v in self.sums.items()}, self.dist.device)
-            means["samples_per_sec"] = self.since * self.images_per_step / max(elapsed, 1e-9)
-            means["images_seen"] = self.step * self.images_per_step
+            means["samples_per_sec"] = self.since * self.clock.images_per_step / max(elapsed, 1e-9)
+            means["images_seen"] = self.clock.images_seen
             means.update({f"data/skipped_{k}": v for k, v in self.skipped.items()})
             self.logger.log(self.step, means)
             self.bar.set_postfix({k: f"{v:.3g}" for k, v in means.items()}, refresh=False)
@@ -180,7 +175,7 @@ def synthetic_batch(cfg, seed: int = 0) -> dict:
 def setup(kind: str, run_dir: Path, wandb_mode: str = "offline", overrides=()):
     """(cfg, dist_info, task, logger) as trainers/loop.py builds them."""
     from trainers.runtime.distributed import init_distributed
-    from trainers.loop import build_task
+    from trainers.tasks import build_task
     from trainers.runtime.run_log import RunLogger
 
     cfg = _config(kind, run_dir, wandb_mode, overrides)
@@ -215,14 +210,16 @@ def bench_kind(kind: str, steps: int, rounds: int, root: Path, wandb_mode: str =
             return steps
         return run
 
-    fns = {"bare": steps_of(bare), "task_step": steps_of(task.train_step), "loop_step": steps_of(loop)}
+    task_clock = Clock(images_per_step=loop.clock.images_per_step)
+    fns = {"bare": steps_of(bare), "task_step": steps_of(lambda b: task.train_step(b, task_clock)),
+           "loop_step": steps_of(loop)}
     ema = getattr(task, "ema", None)
     if ema is not None:
         snapshot = copy.deepcopy(ema.module.state_dict())
 
         def ema_only():
             for i in range(steps):
-                ema.update(task.g.module, task.images_per_step, task.images_seen + i)
+                ema.update(task.g.module, task_clock.images_per_step, task_clock.images_seen + i)
             ema.module.load_state_dict(snapshot)
             return steps
 

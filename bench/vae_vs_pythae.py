@@ -235,7 +235,7 @@ class GentrainSystem:
         from bench.trainer import _LoopBody, _seed
         from configs import load_config
         from trainers.runtime.distributed import init_distributed
-        from trainers.loop import build_task
+        from trainers.tasks import build_task
         from trainers.runtime.run_log import RunLogger
 
         cfg = load_config(str(PRESET), [f"run.dir={run_dir}", "run.name=bench-vae-pythae", "trainer.precision=fp32",

@@ -201,6 +201,8 @@ class GANModelConfig:
     """Generator width (channels at the highest resolution x 2^k below it; MLP hidden size)."""
     d_channels: int = 64
     """Discriminator width."""
+    num_classes: int = 0
+    """Classes for a class-conditional GAN (labels from the shards' KEY.cls); 0 = unconditional."""
 
 
 @dataclass

@@ -17,6 +17,7 @@ import math
 import torch
 from torch import nn
 
+from models.registry import register
 from models.vae import VAEOutput
 
 
@@ -75,3 +76,11 @@ class AutoencoderKLVAE(nn.Module):
         eps = torch.randn(mean_bz.shape, generator=generator, device=mean_bz.device, dtype=mean_bz.dtype)
         z_bz = mean_bz + eps * torch.exp(0.5 * logvar_bz)
         return VAEOutput(self.decode(z_bz), mean_bz, logvar_bz, z_bz)
+
+
+@register("vae", "autoencoder_kl")
+def build_autoencoder_kl(model, data, **_):
+    """The latent-diffusion autoencoder (a Gaussian decoder scale, if asked for, is not learned here)."""
+    return AutoencoderKLVAE(autoencoder_kl_config(data.image_size, data.channels, model.block_out_channels,
+                                                  model.layers_per_block, model.latent_channels,
+                                                  model.norm_num_groups, model.mid_block_attention))

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from models.blocks import down_block, num_resolution_steps, to_image, up_block, widths
+from models.registry import register
 
 
 @dataclass
@@ -56,3 +57,9 @@ class ConvVAE(nn.Module):
         eps = torch.randn(mean_bz.shape, generator=generator, device=mean_bz.device, dtype=mean_bz.dtype)
         z_bz = mean_bz + eps * torch.exp(0.5 * logvar_bz)
         return VAEOutput(self.decode(z_bz), mean_bz, logvar_bz, z_bz)
+
+
+@register("vae", "conv")
+def build_conv_vae(model, data, learn_scale: bool = False, init_scale: float = 0.1):
+    return ConvVAE(data.image_size, data.channels, model.latent_dim, model.base_channels,
+                   learn_scale=learn_scale, init_scale=init_scale)

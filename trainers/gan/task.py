@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -30,8 +32,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from configs.checks import check_gan
 from data_shards.stream import batch_to_float
-from models import DCGANDiscriminator, DCGANGenerator, MLPDiscriminator, MLPGenerator
+import models
 from trainers.gan.augment import diff_augment, parse_ops
+from trainers.runtime.clock import Clock
 from trainers.runtime.distributed import DistInfo, all_reduce_mean
 from trainers.gan.ema import EMA
 from trainers.runtime.engines import make_engine, module_dtype, step_with_grad_norm
@@ -44,12 +47,8 @@ from trainers.runtime.images import make_grid, scatter_plot, to_uint8
 
 
 def build_networks(cfg: DictConfig):
-    """Generator and discriminator for the config's data (images: DCGAN; 2-D points: MLP)."""
-    m = cfg.model
-    if m.arch == "mlp":
-        return MLPGenerator(m.z_dim, m.g_channels), MLPDiscriminator(m.d_channels)
-    return (DCGANGenerator(m.z_dim, cfg.data.image_size, cfg.data.channels, m.g_channels),
-            DCGANDiscriminator(cfg.data.image_size, cfg.data.channels, m.d_channels))
+    """Generator and discriminator of `model.arch` for the config's data (models.registry)."""
+    return models.build("gan", cfg.model, cfg.data)
 
 
 def penalties_on(loss_cfg: DictConfig) -> bool:
@@ -79,8 +78,33 @@ def lr_factor(optim_cfg: DictConfig, step: int, max_steps: int) -> float:
     return optim_cfg.lr_decay_final + (1.0 - optim_cfg.lr_decay_final) * shape
 
 
+class _StepState:
+    """What the phases of one step share: its real batch, its clock and the scalars so far."""
+
+    def __init__(self, real: torch.Tensor, clock: Clock, poison: bool):
+        self.real, self.clock = real, clock
+        self.poison = poison  # fault injection (trainers.runtime.faults): make D's loss a real NaN
+        self.metrics: dict[str, float] = {}
+        self.fake: torch.Tensor | None = None  # the G phase's samples, for the diagnostics
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One part of a GAN step (StyleGAN2-ADA's training loop reads as such a list).
+
+    ``run`` returns False to end the step there (its scalars are then dropped and the step is
+    counted as skipped); ``every`` runs it on every k-th step only (0: never)."""
+
+    name: str
+    run: Callable[[_StepState], bool]
+    every: int = 1
+
+
 class GANTask:
     """Owns the G and D engines, the generator EMA and the collapse diagnostics."""
+
+    may_start_fresh: tuple[str, ...] = ()
+    progress_keys = ("d_loss", "g_loss")
 
     def __init__(self, cfg: DictConfig, dist_info: DistInfo, precision: str):
         self.cfg, self.dist = cfg, dist_info
@@ -99,14 +123,106 @@ class GANTask:
         self.noise = torch.Generator(device=dist_info.device).manual_seed(cfg.run.seed * 1000 + dist_info.rank)
         fixed = torch.Generator().manual_seed(cfg.run.seed)
         self.fixed_z = torch.randn(64 if m_is_image(cfg) else 2500, cfg.model.z_dim, generator=fixed).to(dist_info.device)
-        self.images_per_step = cfg.data.batch_size * dist_info.world_size
-        self.images_seen = 0
-        self.num_steps = 0
         diag = cfg.diagnostics
         self.coverage_kind = coverage_kind(cfg) if diag.every > 0 else None
         self._scorer = None  # fitted on rank 0 at the first diagnostic
         self.monitor = CollapseMonitor(diag.alert_min_coverage, diag.alert_min_diversity, diag.alert_after_steps,
                                        diag.alert_patience, dist_info.is_main)
+        self.phases = [
+            Phase("D", self.d_phase),
+            Phase("G", self.g_phase),
+            Phase("EMA", self.ema_phase),
+            Phase("diagnostics", self.diagnostics_phase, every=diag.every),
+        ]
+
+    def train_step(self, batch: dict, clock: Clock) -> dict[str, float]:
+        """The phases in order: n D updates (penalties riding in D's backward), G, EMA, diagnostics."""
+        if self.cfg.optim.lr_decay != "none":
+            self._set_lrs(clock.step)
+        state = _StepState(self._real(batch), clock, poison=bool(batch.get("poison")))
+        for phase in self.phases:
+            if clock.on_every(phase.every) and not phase.run(state):
+                return {"nonfinite_skipped": 1.0}
+        state.metrics.update({"lr_g": self.g.get_lr()[0], "lr_d": self.d.get_lr()[0]})
+        return state.metrics
+
+    def d_phase(self, state: _StepState) -> bool:
+        """loss.d_steps updates of D, each on its own chunk of the real batch against as many fresh fakes.
+
+        Each is one backward over real + fake (+ the lazy penalties on the first): ZeRO-2 allows one."""
+        loss_cfg, metrics = self.cfg.loss, state.metrics
+        regularise = penalties_on(loss_cfg) and state.clock.on_every(loss_cfg.r1_every)
+        sums = {"d_loss": 0.0, "d_real_logit": 0.0, "d_fake_logit": 0.0, "d_rt": 0.0}
+        for i, real in enumerate(state.real.chunk(loss_cfg.d_steps)):
+            last = i == loss_cfg.d_steps - 1
+            values = self._d_update(real, regularise and i == 0, measure=last, poison=state.poison)
+            if values is None:
+                return False  # G would train against a broken D
+            for key in sums:
+                sums[key] += values.pop(key)
+            metrics.update(values)
+        metrics.update({k: v / loss_cfg.d_steps for k, v in sums.items()})
+        return True
+
+    def _d_update(self, real: torch.Tensor, regularise: bool, measure: bool, poison: bool) -> dict | None:
+        """One D update; its scalars, or None when its loss was not finite on some rank."""
+        m = real.shape[0]
+        with torch.no_grad():
+            fake = self.g.module(self._z(m).to(self.g_dtype)).float()
+        real_in, fake_in = self._aug(real), self._aug(fake)
+        logits = self.d(torch.cat([real_in, fake_in]).to(self.d_dtype)).float()
+        real_logits, fake_logits = logits[:m], logits[m:]
+        d_loss = self.d_loss_fn(real_logits, fake_logits)
+        total, values = d_loss, {}
+        if poison:  # a real NaN through the real guard
+            total = total * float("nan")
+        if regularise:
+            penalty, penalties = self._d_penalties(real_in, fake_in)
+            total = total + penalty
+            values.update({k: v.item() for k, v in penalties.items()})
+        if not all_finite(self.dist.device, total):
+            return None
+        self.d.backward(total)
+        norm = step_with_grad_norm(self.d, measure=measure)  # only the last D update's is logged
+        if norm is not None:
+            values["grad_norm_d"] = norm
+        values.update({"d_loss": d_loss.item(), "d_real_logit": real_logits.mean().item(),
+                       "d_fake_logit": fake_logits.mean().item(),
+                       "d_rt": real_logits.sign().mean().item()})  # r_t = E[sign(D(real))] (StyleGAN2-ADA)
+        return values
+
+    def g_phase(self, state: _StepState) -> bool:
+        """One G update on data.batch_size fresh latents, D frozen so its engine sees no gradients.
+
+        A non-finite G loss skips G's update only (counted); the step goes on to the EMA."""
+        self.d.module.requires_grad_(False)
+        try:
+            fake = self.g(self._z(state.real.shape[0]).to(self.g_dtype))
+            g_loss = self.g_loss_fn(self.d.module(self._aug(fake.float()).to(self.d_dtype)))
+            g_ok = all_finite(self.dist.device, g_loss)
+            if g_ok:
+                self.g.backward(g_loss)
+                g_norm = step_with_grad_norm(self.g)
+        finally:
+            self.d.module.requires_grad_(True)
+        state.fake = fake.detach()
+        if not g_ok:
+            state.metrics["nonfinite_skipped"] = 1.0
+            return True
+        state.metrics["g_loss"] = g_loss.item()
+        if g_norm is not None:
+            state.metrics["grad_norm_g"] = g_norm
+        return True
+
+    def ema_phase(self, state: _StepState) -> bool:
+        if self.ema is not None:
+            # StyleGAN2-ADA counts the images seen *before* this step in the ramp-up.
+            self.ema.update(self.g.module, state.clock.images_per_step, state.clock.images_seen)
+        return True
+
+    def diagnostics_phase(self, state: _StepState) -> bool:
+        state.metrics.update(self.diagnostics(state.fake, state.real, state.clock.step_number))
+        return True
 
     def _z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.cfg.model.z_dim, generator=self.noise, device=self.dist.device)
@@ -119,7 +235,7 @@ class GANTask:
     def _aug(self, x: torch.Tensor) -> torch.Tensor:
         return diff_augment(x, self.augment_ops, self.noise) if self.augment_ops else x
 
-    def _d_penalties(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def _d_penalties(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted sum of the enabled penalties (fp32, scaled by the lazy interval) and their values."""
         loss, k = self.cfg.loss, self.cfg.loss.r1_every
         total, values = torch.zeros((), device=real.device), {}
@@ -137,81 +253,14 @@ class GANTask:
             values["gp"] = gp
         return total, values
 
-    def _set_lrs(self) -> None:
-        f = lr_factor(self.cfg.optim, self.num_steps, self.cfg.trainer.max_steps)
+    def _set_lrs(self, step: int) -> None:
+        f = lr_factor(self.cfg.optim, step, self.cfg.trainer.max_steps)
         for name, engine in self.engines.items():
             for group in engine.optimizer.param_groups:
                 group["lr"] = self.base_lr[name] * f
 
-    def train_step(self, batch: dict) -> dict[str, float]:
-        real_all = self._real(batch)
-        n = real_all.shape[0]
-        if self.cfg.optim.lr_decay != "none":
-            self._set_lrs()
-        self.num_steps += 1
-        self.images_seen += self.images_per_step
-        loss_cfg = self.cfg.loss
-        do_reg = penalties_on(loss_cfg) and self.num_steps % loss_cfg.r1_every == 0
-        metrics: dict[str, float] = {}
-
-        # Discriminator phase: d_steps updates, each one backward over real + fake (+ penalties).
-        d_sums = {"d_loss": 0.0, "d_real_logit": 0.0, "d_fake_logit": 0.0, "d_rt": 0.0}
-        for i, real in enumerate(real_all.chunk(loss_cfg.d_steps)):
-            m = real.shape[0]
-            with torch.no_grad():
-                fake = self.g.module(self._z(m).to(self.g_dtype)).float()
-            real_in, fake_in = self._aug(real), self._aug(fake)
-            logits = self.d(torch.cat([real_in, fake_in]).to(self.d_dtype)).float()
-            real_logits, fake_logits = logits[:m], logits[m:]
-            d_loss = self.d_loss_fn(real_logits, fake_logits)
-            d_total = d_loss
-            if batch.get("poison"):  # fault injection (trainers.runtime.faults): a real NaN through the real guard
-                d_total = d_total * float("nan")
-            if do_reg and i == 0:
-                penalty, values = self._d_penalties(real_in, fake_in)
-                d_total = d_total + penalty
-                metrics.update({k: v.item() for k, v in values.items()})
-            if not all_finite(self.dist.device, d_total):
-                return {"nonfinite_skipped": 1.0}  # skip the whole step: G would train against a broken D
-            self.d.backward(d_total)
-            d_norm = step_with_grad_norm(self.d, measure=i == loss_cfg.d_steps - 1)  # the last D step's is logged
-            d_sums["d_loss"] += d_loss.item()
-            d_sums["d_real_logit"] += real_logits.mean().item()
-            d_sums["d_fake_logit"] += fake_logits.mean().item()
-            d_sums["d_rt"] += real_logits.sign().mean().item()  # r_t = E[sign(D(real))] (StyleGAN2-ADA)
-        metrics.update({k: v / loss_cfg.d_steps for k, v in d_sums.items()})
-
-        # Generator phase: D's weights frozen so its engine sees no gradients from G's loss.
-        self.d.module.requires_grad_(False)
-        try:
-            fake = self.g(self._z(n).to(self.g_dtype))
-            g_loss = self.g_loss_fn(self.d.module(self._aug(fake.float()).to(self.d_dtype)))
-            g_ok = all_finite(self.dist.device, g_loss)
-            if g_ok:
-                self.g.backward(g_loss)
-                g_norm = step_with_grad_norm(self.g)
-        finally:
-            self.d.module.requires_grad_(True)
-        if not g_ok:
-            metrics["nonfinite_skipped"] = 1.0
-        if self.ema is not None:
-            # StyleGAN2-ADA counts the images seen *before* this step in the ramp-up.
-            self.ema.update(self.g.module, self.images_per_step, self.images_seen - self.images_per_step)
-
-        if g_ok:
-            metrics["g_loss"] = g_loss.item()
-            if g_norm is not None:
-                metrics["grad_norm_g"] = g_norm
-        if d_norm is not None:
-            metrics["grad_norm_d"] = d_norm
-        metrics.update({"lr_g": self.g.get_lr()[0], "lr_d": self.d.get_lr()[0]})
-        every = self.cfg.diagnostics.every
-        if every > 0 and self.num_steps % every == 0:
-            metrics.update(self.diagnostics(fake.detach(), real_all))
-        return metrics
-
     @torch.no_grad()
-    def diagnostics(self, fake: torch.Tensor, real: torch.Tensor) -> dict[str, float]:
+    def diagnostics(self, fake: torch.Tensor, real: torch.Tensor, step_number: int) -> dict[str, float]:
         """Diversity, mode coverage and the collapse decision; collectives, so every rank calls it."""
         diag, start = self.cfg.diagnostics, time.perf_counter()
         values = diversity(fake, real, diag.near_duplicate)
@@ -227,7 +276,7 @@ class GANTask:
             if self.dist.world_size > 1:
                 dist.broadcast(local, src=0)
             values.update({f"diag/{k}": v for k, v in zip(keys, local.tolist())})
-        values["alert/collapse"] = self.monitor.update(self.num_steps, values, self.cfg.run.name)
+        values["alert/collapse"] = self.monitor.update(step_number, values, self.cfg.run.name)
         values["diag/seconds"] = time.perf_counter() - start  # what the diagnostics cost (rank mean)
         return values
 
@@ -256,11 +305,10 @@ class GANTask:
         return {"samples": make_grid(to_uint8(out), nrow=8)}
 
     def state(self) -> dict:
-        return {"noise": self.noise.get_state(), "images_seen": self.images_seen, "num_steps": self.num_steps}
+        return {"noise": self.noise.get_state()}
 
     def load_state(self, state: dict, weights: dict[str, torch.Tensor]) -> None:
         self.noise.set_state(state["noise"])
-        self.images_seen, self.num_steps = int(state["images_seen"]), int(state["num_steps"])
         if self.ema is not None:
             self.ema.module.load_state_dict({k[len("g_ema."):]: v for k, v in weights.items() if k.startswith("g_ema.")})
 

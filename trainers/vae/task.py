@@ -13,8 +13,9 @@ from omegaconf import DictConfig
 from torch import nn
 
 from configs.checks import check_vae
-from models import AutoencoderKLVAE, ConvVAE
-from models.autoencoder_kl import autoencoder_kl_config
+import models
+from models import AutoencoderKLVAE
+from trainers.runtime.clock import Clock
 from trainers.runtime.distributed import DistInfo
 from trainers.runtime.engines import make_engine, module_dtype
 from trainers.runtime.guard import all_finite
@@ -30,14 +31,8 @@ MAX_KL_DIMS_LOGGED = 64  # above this, KL is logged per latent channel (autoenco
 def build_vae(cfg: DictConfig) -> nn.Module:
     """The configured VAE: encode(x in [0, 1]) -> (mean, logvar), decode(z) -> decoder output."""
     check_vae(cfg)  # load_config ran it already; a config built by hand may not have been
-    if cfg.model.arch == "autoencoder_kl":
-        m = cfg.model
-        return AutoencoderKLVAE(autoencoder_kl_config(cfg.data.image_size, cfg.data.channels, m.block_out_channels,
-                                                      m.layers_per_block, m.latent_channels, m.norm_num_groups,
-                                                      m.mid_block_attention))
-    return ConvVAE(cfg.data.image_size, cfg.data.channels, cfg.model.latent_dim, cfg.model.base_channels,
-                   learn_scale=cfg.loss.likelihood == "gaussian" and cfg.loss.learn_scale,
-                   init_scale=cfg.loss.gaussian_scale)
+    return models.build("vae", cfg.model, cfg.data, learn_scale=cfg.loss.likelihood == "gaussian" and cfg.loss.learn_scale,
+                        init_scale=cfg.loss.gaussian_scale)
 
 
 def decoder_link(cfg: DictConfig) -> str:
@@ -86,6 +81,11 @@ class VAETask:
     """Owns the VAE engine (and the discriminator's, with the adversarial term); the shared loop
     calls train_step() and samples()."""
 
+    progress_keys = ("loss", "kl")
+    # Switching the adversarial term on in a run that trained without it: its discriminator
+    # has nothing to resume from and starts as initialised (the VAE resumes exactly).
+    may_start_fresh = ("disc",)
+
     def __init__(self, cfg: DictConfig, dist_info: DistInfo, precision: str):
         self.cfg, self.dist = cfg, dist_info
         self.engine = make_engine(build_vae(cfg), cfg.optim, cfg, dist_info, precision)
@@ -93,30 +93,25 @@ class VAETask:
         self.adversary = VAEAdversary(cfg, dist_info, precision) if cfg.loss.adversarial.enabled else None
         if self.adversary is not None:
             self.engines["disc"] = self.adversary.engine  # checkpointed beside the VAE, resumed exactly
-        # Switching the adversarial term on in a run that trained without it: its discriminator
-        # has nothing to resume from and starts as initialised (the VAE resumes exactly).
-        self.engines_that_may_start_fresh = ("disc",)
         self.link = decoder_link(cfg)
         self.dtype = module_dtype(self.engine.module)
         self.noise = torch.Generator(device=dist_info.device).manual_seed(cfg.run.seed * 1000 + dist_info.rank)
         fixed = torch.Generator().manual_seed(cfg.run.seed)  # same latents on every rank and resume
         self.fixed_z = torch.randn(64, self.engine.module.latent_dim, generator=fixed).to(dist_info.device)
         self.num_dims = cfg.data.channels * cfg.data.image_size**2
-        self.num_steps = 0
         self._last_batch: torch.Tensor | None = None
 
     def _recon_nll(self, y_bchw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return reconstruction_nll(y_bchw, x, self.cfg.loss.likelihood, log_scale_of(self.engine.module, self.cfg),
                                   self.link)
 
-    def train_step(self, batch: dict) -> dict[str, float]:
+    def train_step(self, batch: dict, clock: Clock) -> dict[str, float]:
         loss_cfg = self.cfg.loss
         x = batch["image"].to(self.dist.device, non_blocking=True).float().div_(255.0)
         self._last_batch = x[:16]
-        beta = beta_at(self.num_steps, loss_cfg.beta, loss_cfg.beta_schedule, loss_cfg.beta_warmup_steps,
+        beta = beta_at(clock.step, loss_cfg.beta, loss_cfg.beta_schedule, loss_cfg.beta_warmup_steps,
                        loss_cfg.beta_cycle_steps, loss_cfg.beta_cycle_ramp)
-        adversarial = self.adversary is not None and self.adversary.active(self.num_steps)
-        self.num_steps += 1
+        adversarial = self.adversary is not None and self.adversary.active(clock.step)
         vae = self.engine.module
         out = self.engine(x.to(self.dtype), generator=self.noise)
         nll_b = self._recon_nll(out.logits_bchw, x)
@@ -146,7 +141,7 @@ class VAETask:
             scalars["neg_elbo_nats_per_dim"] = (nll_b + kl_b).mean().item() / self.num_dims
         if getattr(vae, "log_scale", None) is not None:
             scalars["decoder_scale"] = float(vae.log_scale.detach().float().exp())
-        if self.num_steps % loss_cfg.diagnostics_every == 0:
+        if clock.on_every(loss_cfg.diagnostics_every):
             scalars.update(self.diagnostics(out.mean_bz, out.logvar_bz, kl_bz))
         return scalars
 
@@ -196,11 +191,10 @@ class VAETask:
         return grids
 
     def state(self) -> dict:
-        return {"noise": self.noise.get_state(), "num_steps": self.num_steps}
+        return {"noise": self.noise.get_state()}
 
     def load_state(self, state: dict, weights: dict[str, torch.Tensor]) -> None:
         self.noise.set_state(state["noise"])
-        self.num_steps = int(state.get("num_steps", 0))
 
     def weights(self) -> dict[str, torch.Tensor]:
         out = {f"vae.{k}": v for k, v in self.engine.module.state_dict().items()}

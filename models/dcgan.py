@@ -1,10 +1,11 @@
-"""GAN networks: a DCGAN generator/discriminator for images and small MLPs for 2-D point sets."""
+"""DCGAN (Radford et al. 2016): transposed-conv generator and strided-conv discriminator."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 from models.blocks import down_block, num_resolution_steps, up_block, widths
+from models.registry import register
 
 
 class DCGANGenerator(nn.Module):
@@ -39,32 +40,7 @@ class DCGANDiscriminator(nn.Module):
         return self.body(x_bchw).squeeze(1)
 
 
-class MLPGenerator(nn.Module):
-    """z -> 2-D point, for the ring8 / grid25 mode-collapse benchmarks."""
-
-    def __init__(self, z_dim: int = 64, hidden: int = 128, out_dim: int = 2, depth: int = 3):
-        super().__init__()
-        self.z_dim = z_dim
-        layers, width = [], z_dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.ReLU()]
-            width = hidden
-        self.body = nn.Sequential(*layers, nn.Linear(width, out_dim))
-
-    def forward(self, z_bz: torch.Tensor) -> torch.Tensor:
-        return self.body(z_bz)
-
-
-class MLPDiscriminator(nn.Module):
-    """2-D point -> one logit."""
-
-    def __init__(self, hidden: int = 128, in_dim: int = 2, depth: int = 3):
-        super().__init__()
-        layers, width = [], in_dim
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.LeakyReLU(0.2)]
-            width = hidden
-        self.body = nn.Sequential(*layers, nn.Linear(width, 1))
-
-    def forward(self, x_bd: torch.Tensor) -> torch.Tensor:
-        return self.body(x_bd).squeeze(1)
+@register("gan", "dcgan")
+def build_dcgan(model, data):
+    return (DCGANGenerator(model.z_dim, data.image_size, data.channels, model.g_channels),
+            DCGANDiscriminator(data.image_size, data.channels, model.d_channels))
