@@ -23,6 +23,26 @@ EPILOG = """examples:
 """
 
 
+SHARDS_BUILD_HELP = """\
+sources:
+  digits, stacked-digits   scikit-learn's shipped 8x8 digits (labelled; stacked: 3 digits as RGB)
+  ring8, grid25            2-D Gaussian mixtures (KEY.npy points)
+  photos                   labelled crops of the 16 photographs shipped in scikit-image, scikit-learn
+                           and matplotlib (KEY.cls = photo index; manifest 'classes' = photo names)
+  folder:PATH              any tree of images; first-level sub-folders are classes
+  pairs:sr4:SOURCE         KEY.src.png = KEY.tgt.png downscaled 4x (PIL bicubic); SOURCE: photos,
+                           digits, stacked-digits or folder:PATH
+  pairs:edges:SOURCE       KEY.src.png = Sobel edge sketch of KEY.tgt.png
+  pairs:folder:PATH        your aligned pairs: PATH/src/NAME.* + PATH/tgt/NAME.*, or PATH/NAME_src.* +
+                           PATH/NAME_tgt.*; unmatched files are skipped and listed in the manifest
+examples:
+  gentrain shards build photos --out data/photos --split train
+  gentrain shards build photos --out data/photos_test --split test
+  gentrain shards build pairs:sr4:photos --out data/sr4 --image-size 64
+  gentrain shards build pairs:folder:my_pairs --out data/my_pairs --image-size 128
+"""
+
+
 class UsageError(Exception):
     """Wrong usage the user can fix; printed as one line, exit code 2."""
 
@@ -34,15 +54,16 @@ def _fail(message: str) -> int:
 
 # ---- subcommands ---------------------------------------------------------------------------
 def cmd_shards_build(args) -> int:
-    from data_shards.build import build_shards
+    from data_shards.build import build_shards, parse_labels
 
-    from trainers.judge.evaluation import parse_labels
-
+    labels = parse_labels(args.labels)
     manifest = build_shards(args.source, args.out, shard_size=args.shard_size, image_size=args.image_size,
                             seed=args.seed, image_format=args.format, progress=not args.quiet,
-                            num_samples=args.num_samples, split=args.split, labels=parse_labels(args.labels))
+                            num_samples=args.num_samples, split=args.split, labels=labels)
+    size = (f"input {manifest['src_size']} -> target {manifest['tgt_size']}" if manifest.get("paired")
+            else f"size {manifest.get('image_size')}")
     print(f"wrote {manifest['num_samples']} samples in {manifest['num_shards']} shard(s) to {args.out} "
-          f"({manifest['source']}, {manifest.get('kind')}, size {manifest.get('image_size')})")
+          f"({manifest['source']}, {manifest.get('kind')}, {size})")
     return 0
 
 
@@ -289,16 +310,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     shards = sub.add_parser("shards", help="build WebDataset shards").add_subparsers(dest="shards_command", required=True)
     build = shards.add_parser("build", help="write tars + manifest.json from a source",
-                              description="SOURCE: digits, stacked-digits, ring8, grid25 or folder:PATH")
-    build.add_argument("source")
+                              formatter_class=argparse.RawDescriptionHelpFormatter, description=SHARDS_BUILD_HELP)
+    build.add_argument("source", help="digits, stacked-digits, ring8, grid25, photos, folder:PATH, "
+                                      "pairs:sr4:SOURCE, pairs:edges:SOURCE or pairs:folder:PATH")
     build.add_argument("--out", required=True, help="output directory")
     build.add_argument("--shard-size", type=int, default=256, help="samples per tar (default 256)")
-    build.add_argument("--image-size", type=int, default=None, help="square image size (digits: 32, folder: 64)")
-    build.add_argument("--format", choices=["png", "jpg"], default="png", help="image encoding for folder sources")
+    build.add_argument("--image-size", type=int, default=None,
+                       help="square image size; pairs: the target's (defaults: digits 32, stacked-digits 16, "
+                            "photos 64, folder 64; pairs take their inner source's; sr4 needs a multiple of 4)")
+    build.add_argument("--format", choices=["png", "jpg"], default="png",
+                       help="image encoding (jpg: quality 90); pairs use it for both members")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--num-samples", type=int, default=None, help="samples for generated sources; a cap otherwise")
+    build.add_argument("--num-samples", type=int, default=None,
+                       help="samples for generated sources (photos: 6000, 1200 for --split test; stacked-digits "
+                            "30000; ring8/grid25 50000); a cap for digits and folders")
     build.add_argument("--split", choices=["all", "train", "test"], default="all",
-                       help="train: 80%% of the seeded order; test: the held-out 20%%")
+                       help="train: 80%% of the seeded order; test: the held-out 20%%; photos: test crops from "
+                            "each photo's bottom-right 45%%x45%% block, train crops never touch it")
     build.add_argument("--labels", default=None, help="keep only these labels, e.g. 0-8 or 0,3,7")
     build.add_argument("--quiet", action="store_true", help="no progress bar")
     build.set_defaults(func=cmd_shards_build)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
+import subprocess
+import sys
 import tarfile
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -12,7 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_shards.build import MODE_STD, build_shards, mode_centers, read_manifest
+from data_shards.build import MODE_STD, build_shards, mode_centers, parse_labels, read_manifest
+from tests.conftest import ROOT
 
 
 def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
@@ -167,8 +171,9 @@ def test_folder_without_subfolders_is_unlabelled(tmp_path):
 
 
 def test_unknown_source_lists_valid_sources(tmp_path):
-    listing = "unknown shard source 'mnist'; valid sources: digits, stacked-digits, ring8, grid25, folder:PATH"
-    with pytest.raises(ValueError, match=listing):
+    listing = ("unknown shard source 'mnist'; valid sources: digits, stacked-digits, ring8, grid25, photos, "
+               "folder:PATH, pairs:sr4:SOURCE, pairs:edges:SOURCE, pairs:folder:PATH")
+    with pytest.raises(ValueError, match=re.escape(listing)):
         build_shards("mnist", tmp_path, progress=False)
 
 
@@ -207,3 +212,21 @@ def test_class_counts_match_labels_in_tars(tmp_path):
     manifest = build_shards("digits", tmp_path, shard_size=128, num_samples=300, progress=False)
     counts = Counter(s["cls"].decode() for s in read_all(tmp_path).values())
     assert dict(counts) == manifest["class_counts"]
+
+
+def test_parse_labels_ranges_lists_and_errors():
+    assert parse_labels(None) is None and parse_labels("") is None
+    assert parse_labels("0-3,7") == {0, 1, 2, 3, 7} and parse_labels("5") == {5}
+    with pytest.raises(ValueError, match="labels must look like"):
+        parse_labels("a-b")
+
+
+def test_shards_build_cli_with_labels_does_not_import_torch(tmp_path):
+    """Building shards is data work: the command must not pay for importing torch or the trainers."""
+    code = ("import sys; from launcher.cli import main; "
+            f"rc = main(['shards', 'build', 'digits', '--out', {str(tmp_path)!r}, '--quiet', '--labels', '0-2']); "
+            "print(rc, 'torch' in sys.modules, 'trainers' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == "0 False False"
+    assert read_manifest(tmp_path)["labels"] == [0, 1, 2]
