@@ -57,6 +57,11 @@ def check_vae(cfg: DictConfig) -> None:
 def check_gan(cfg: DictConfig) -> None:
     """The GAN's cross-field rules: penalty intervals, D steps per batch, the lr schedule, augmentation."""
     loss = cfg.loss
+    if cfg.model.num_classes < 0:
+        raise ConfigError(f"bad value for 'model.num_classes': {cfg.model.num_classes}; it must be >= 0")
+    if cfg.model.num_classes > 0 and cfg.model.arch == "mlp":
+        raise ConfigError("model.arch=mlp is unconditional (2-D points): set model.num_classes=0 and "
+                          "model.conditional=false")
     if loss.r1_every < 1 or loss.d_steps < 1:
         raise ConfigError(f"loss.r1_every and loss.d_steps must be >= 1, got {loss.r1_every} and {loss.d_steps}")
     if cfg.data.batch_size % loss.d_steps:

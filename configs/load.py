@@ -8,7 +8,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -73,8 +73,20 @@ def resolve_preset(path: str | os.PathLike) -> Path:
     raise ConfigError(f"config file '{path}' not found; shipped presets: {', '.join(presets)}")
 
 
-def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -> DictConfig:
-    """Build the resolved, validated config of a run from a preset and `key=value` overrides."""
+# What an unset data shape means when the shards have no manifest to say it.
+SHAPE_WITHOUT_MANIFEST = {"image_size": 32, "channels": 1}
+
+
+def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = (),
+                manifest_of: Callable[[object], dict | None] | None = None,
+                notes: list[str] | None = None) -> DictConfig:
+    """Build the resolved, validated config of a run from a preset and `key=value` overrides.
+
+    `manifest_of(data.shards)` (data_shards' find_manifest, passed in by the command line:
+    configs imports nothing of gentrain) supplies what the config leaves unset: the image size,
+    channels and, for a conditional GAN, the number of classes. Where the config contradicts
+    the manifest, a line saying so is appended to `notes`.
+    """
     overrides = list(overrides)
     try:
         user = OmegaConf.load(resolve_preset(path)) if path is not None else OmegaConf.create({})
@@ -100,11 +112,36 @@ def load_config(path: str | os.PathLike | None, overrides: Iterable[str] = ()) -
         except OmegaConfBaseException as err:
             raise ConfigError(_describe(err, valid, source)) from None
 
+    fill_from_manifest(cfg, manifest_of(cfg.data.shards) if manifest_of else None, notes)
     validate(cfg)
     if not cfg.run.dir:
         cfg.run.dir = str(Path("runs") / cfg.run.name)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def fill_from_manifest(cfg: DictConfig, manifest: dict | None, notes: list[str] | None = None) -> None:
+    """Unset data shape (and a conditional GAN's class count) from the shards' manifest."""
+    notes = notes if notes is not None else []
+    shape = {}
+    if manifest is not None and manifest.get("kind", "image") == "image":
+        shape = {"image_size": manifest.get("tgt_size") or manifest.get("image_size"),
+                 "channels": manifest.get("channels")}
+    for key, fallback in SHAPE_WITHOUT_MANIFEST.items():
+        given, recorded = cfg.data[key], shape.get(key)
+        if given is None:
+            cfg.data[key] = recorded if recorded is not None else fallback
+        elif recorded is not None and given != recorded:
+            action = "resized" if key == "image_size" else "converted"
+            notes.append(f"data.{key}={given} from the config, but the shards hold {recorded} "
+                         f"(manifest.json): images are {action} as they are read")
+    model = cfg.get("model")
+    if model is not None and model.get("conditional") and not model.num_classes:
+        classes = (manifest or {}).get("num_classes")
+        if not classes:
+            raise ConfigError("model.conditional=true needs labelled shards (a manifest.json with num_classes) "
+                              "or model.num_classes set")
+        model.num_classes = int(classes)
 
 
 def validate(cfg: DictConfig) -> None:

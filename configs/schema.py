@@ -31,10 +31,11 @@ class DataConfig:
     """DataLoader worker processes per rank; each reads a disjoint slice of the shards."""
     shuffle_buffer: int = 512
     """Samples held in the shuffle buffer of each worker."""
-    image_size: int = 32
-    """Images are resized to this square size if the shards hold another size."""
-    channels: int = 1
-    """1 (grayscale) or 3 (RGB)."""
+    image_size: Optional[int] = None
+    """Square image size; unset: the size the shards' manifest.json records (32 without one).
+    Set to another size, images are resized as they are read (the run says so in one line)."""
+    channels: Optional[int] = None
+    """1 (grayscale) or 3 (RGB); unset: what the shards' manifest.json records (1 without one)."""
 
 
 @dataclass
@@ -201,8 +202,12 @@ class GANModelConfig:
     """Generator width (channels at the highest resolution x 2^k below it; MLP hidden size)."""
     d_channels: int = 64
     """Discriminator width."""
+    conditional: bool = False
+    """Class-conditional G and D (label embedding into G, projection D), labels from the shards'
+    KEY.cls; the number of classes comes from the manifest unless num_classes is set."""
     num_classes: int = 0
-    """Classes for a class-conditional GAN (labels from the shards' KEY.cls); 0 = unconditional."""
+    """Classes for a class-conditional GAN (labels from the shards' KEY.cls); 0 = unconditional
+    (or, with model.conditional, the manifest's num_classes)."""
 
 
 @dataclass

@@ -52,6 +52,28 @@ def _fail(message: str) -> int:
     return EXIT_USAGE
 
 
+def load_run_config(path, overrides):
+    """The config of a run to start: load_config, with what it leaves unset (image size, channels,
+    class count) read from the shards' manifest; notes where the two disagree, once per job."""
+    from configs import load_config
+
+    notes = []
+    cfg = load_config(path, overrides, manifest_of=_manifest_or_none, notes=notes)
+    if os.environ.get("RANK", "0") == "0":
+        for note in notes:
+            print(f"gentrain: note: {note}", file=sys.stderr, flush=True)
+    return cfg
+
+
+def _manifest_or_none(spec):
+    from data_shards.stream import find_manifest
+
+    try:
+        return find_manifest(spec)
+    except Exception:  # noqa: BLE001 - shards not reachable from here (yet): the trainers will say so
+        return None
+
+
 # ---- subcommands ---------------------------------------------------------------------------
 def cmd_shards_build(args) -> int:
     from data_shards.build import build_shards, parse_labels
@@ -68,9 +90,7 @@ def cmd_shards_build(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from configs import load_config
-
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_run_config(args.config, args.overrides)
     _apply_resume_flag(cfg, args.resume)
     from trainers.loop import train  # heavy imports only once the config is known to be good
 
@@ -87,12 +107,11 @@ def _apply_resume_flag(cfg, resume: str | None) -> None:
 
 
 def cmd_launch(args) -> int:
-    from configs import load_config
     from launcher import resources
     from launcher.resources import LaunchError
 
     try:
-        return _launch(args, load_config, resources)
+        return _launch(args, resources)
     except LaunchError as err:
         raise UsageError(str(err)) from None
 
@@ -101,9 +120,9 @@ def _warn(message: str) -> None:
     print(f"gentrain: warning: {message}", file=sys.stderr)
 
 
-def _launch(args, load_config, resources) -> int:
+def _launch(args, resources) -> int:
     overrides = list(args.overrides)
-    cfg = load_config(args.config, overrides)  # fail here, before any process starts
+    cfg = load_run_config(args.config, overrides)  # fail here, before any process starts
     if args.backend == "slurm" and args.nproc_per_node is None:
         nproc = args.gpus_per_node or 1  # one process per GPU
     else:
@@ -254,8 +273,9 @@ def _launch_deepspeed(args, cfg, hosts, train_args: list[str], summary: str) -> 
 def cmd_sample(args) -> int:
     from trainers.judge.inference import sample_to_npz
 
-    path = sample_to_npz(args.run_dir, args.n, args.out, seed=args.seed)
-    print(f"wrote {args.n} samples to {path}")
+    path = sample_to_npz(args.run_dir, args.n, args.out, seed=args.seed, class_index=args.class_index)
+    which = f" of class {args.class_index}" if args.class_index is not None else ""
+    print(f"wrote {args.n} samples{which} to {path}")
     return 0
 
 
@@ -395,6 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--n", type=int, default=64)
     sample.add_argument("--out", required=True)
     sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--class", dest="class_index", type=int, default=None,
+                        help="class-conditional GAN: only this class (default: every class equally often)")
     sample.set_defaults(func=cmd_sample)
 
     export = sub.add_parser("export", help="export the latest checkpoint's weights")

@@ -19,8 +19,8 @@ class MLPGenerator(nn.Module):
             width = hidden
         self.body = nn.Sequential(*layers, nn.Linear(width, out_dim))
 
-    def forward(self, z_bz: torch.Tensor) -> torch.Tensor:
-        return self.body(z_bz)
+    def forward(self, z_bz: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        return self.body(z_bz)  # unconditional: c is ignored
 
 
 class MLPDiscriminator(nn.Module):
@@ -34,8 +34,8 @@ class MLPDiscriminator(nn.Module):
             width = hidden
         self.body = nn.Sequential(*layers, nn.Linear(width, 1))
 
-    def forward(self, x_bd: torch.Tensor) -> torch.Tensor:
-        return self.body(x_bd).squeeze(1)
+    def forward(self, x_bd: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        return self.body(x_bd).squeeze(1)  # unconditional: c is ignored
 
 
 @register("gan", "mlp")

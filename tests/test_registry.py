@@ -5,6 +5,7 @@ import pytest
 from omegaconf import OmegaConf
 
 import models
+from configs.load import fill_from_manifest
 from configs.schema import KIND_CHOICES, SCHEMAS
 from trainers.tasks import TASKS, Task
 
@@ -23,6 +24,7 @@ def test_schema_arch_choices_are_the_registered_archs(kind):
 @pytest.mark.parametrize("kind", sorted(FAMILY_OF_KIND))
 def test_every_registered_arch_builds_from_its_schema_defaults(kind):
     cfg = OmegaConf.structured(SCHEMAS[kind])
+    fill_from_manifest(cfg, None)  # the shape a manifest-less shard set gets
     for arch in models.archs(FAMILY_OF_KIND[kind]):
         cfg.model.arch = arch
         if arch == "autoencoder_kl":

@@ -51,8 +51,8 @@ D_LOSSES = {"nonsaturating": d_loss_nonsaturating, "hinge": d_loss_hinge, "wasse
 G_LOSSES = {"nonsaturating": g_loss_nonsaturating, "hinge": g_loss_linear, "wasserstein": g_loss_linear}
 
 
-def _input_grad(discriminator: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """grad_x sum D(x), in fp32, with a graph back to the discriminator's real parameters.
+def _input_grad(discriminator: nn.Module, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """grad_x sum D(x, c), in fp32, with a graph back to the discriminator's real parameters.
 
     The discriminator is run on fp32 copies of its (possibly bf16/fp16) parameters; the casts
     are differentiable, so the penalty's gradient still reaches the real parameters. This calls
@@ -62,23 +62,23 @@ def _input_grad(discriminator: nn.Module, x: torch.Tensor) -> torch.Tensor:
     params = {n: p.float() for n, p in discriminator.named_parameters()}
     buffers = {n: b.float() if b.is_floating_point() else b for n, b in discriminator.named_buffers()}
     x = x.detach().float().requires_grad_(True)
-    logits = functional_call(discriminator, (params, buffers), (x,))
+    logits = functional_call(discriminator, (params, buffers), (x,) if c is None else (x, c))
     (grad,) = torch.autograd.grad(logits.float().sum(), x, create_graph=True)
     return grad.flatten(1)
 
 
-def r1_penalty(discriminator: nn.Module, real: torch.Tensor) -> torch.Tensor:
-    """R1 (Mescheder et al. 2018): E ||grad_x D(x)||^2 on real data, in fp32."""
-    return _input_grad(discriminator, real).square().sum(1).mean()
+def r1_penalty(discriminator: nn.Module, real: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): E ||grad_x D(x)||^2 on real data (with its labels c, if any), in fp32."""
+    return _input_grad(discriminator, real, c).square().sum(1).mean()
 
 
-def r2_penalty(discriminator: nn.Module, fake: torch.Tensor) -> torch.Tensor:
+def r2_penalty(discriminator: nn.Module, fake: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
     """R2: the same zero-centred penalty, E ||grad_x D(x)||^2, on generated data (detached)."""
-    return _input_grad(discriminator, fake).square().sum(1).mean()
+    return _input_grad(discriminator, fake, c).square().sum(1).mean()
 
 
 def wgan_gp_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.Tensor,
-                    generator: torch.Generator | None = None) -> torch.Tensor:
+                    generator: torch.Generator | None = None, c: torch.Tensor | None = None) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017): E (||grad D(x_hat)||_2 - 1)^2, x_hat = e*x + (1-e)*G(z).
 
     e ~ U[0, 1] per sample, drawn from `generator` (the task's noise stream, so a resumed run
@@ -87,7 +87,7 @@ def wgan_gp_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.Te
     real, fake = real.detach().float(), fake.detach().float()
     eps = torch.rand(real.shape[0], *([1] * (real.dim() - 1)), generator=generator, device=real.device)
     x_hat = eps * real + (1.0 - eps) * fake
-    grad = _input_grad(discriminator, x_hat)
+    grad = _input_grad(discriminator, x_hat, c)  # conditional: interpolates keep the real sample's label
     norm = (grad.square().sum(1) + 1e-12).sqrt()
     return (norm - 1.0).square().mean()
 

@@ -81,8 +81,8 @@ def lr_factor(optim_cfg: DictConfig, step: int, max_steps: int) -> float:
 class _StepState:
     """What the phases of one step share: its real batch, its clock and the scalars so far."""
 
-    def __init__(self, real: torch.Tensor, clock: Clock, poison: bool):
-        self.real, self.clock = real, clock
+    def __init__(self, real: torch.Tensor, labels: torch.Tensor | None, clock: Clock, poison: bool):
+        self.real, self.labels, self.clock = real, labels, clock  # labels: None unless conditional
         self.poison = poison  # fault injection (trainers.runtime.faults): make D's loss a real NaN
         self.metrics: dict[str, float] = {}
         self.fake: torch.Tensor | None = None  # the G phase's samples, for the diagnostics
@@ -123,6 +123,8 @@ class GANTask:
         self.noise = torch.Generator(device=dist_info.device).manual_seed(cfg.run.seed * 1000 + dist_info.rank)
         fixed = torch.Generator().manual_seed(cfg.run.seed)
         self.fixed_z = torch.randn(64 if m_is_image(cfg) else 2500, cfg.model.z_dim, generator=fixed).to(dist_info.device)
+        self.num_classes = int(cfg.model.num_classes)  # 0: unconditional
+        self.fixed_c = grid_labels(self.num_classes, len(self.fixed_z), dist_info.device)
         diag = cfg.diagnostics
         self.coverage_kind = coverage_kind(cfg) if diag.every > 0 else None
         self._scorer = None  # fitted on rank 0 at the first diagnostic
@@ -139,7 +141,7 @@ class GANTask:
         """The phases in order: n D updates (penalties riding in D's backward), G, EMA, diagnostics."""
         if self.cfg.optim.lr_decay != "none":
             self._set_lrs(clock.step)
-        state = _StepState(self._real(batch), clock, poison=bool(batch.get("poison")))
+        state = _StepState(self._real(batch), self._labels(batch), clock, poison=bool(batch.get("poison")))
         for phase in self.phases:
             if clock.on_every(phase.every) and not phase.run(state):
                 return {"nonfinite_skipped": 1.0}
@@ -153,9 +155,11 @@ class GANTask:
         loss_cfg, metrics = self.cfg.loss, state.metrics
         regularise = penalties_on(loss_cfg) and state.clock.on_every(loss_cfg.r1_every)
         sums = {"d_loss": 0.0, "d_real_logit": 0.0, "d_fake_logit": 0.0, "d_rt": 0.0}
-        for i, real in enumerate(state.real.chunk(loss_cfg.d_steps)):
+        chunks = state.real.chunk(loss_cfg.d_steps)
+        label_chunks = state.labels.chunk(loss_cfg.d_steps) if state.labels is not None else [None] * len(chunks)
+        for i, (real, labels) in enumerate(zip(chunks, label_chunks)):
             last = i == loss_cfg.d_steps - 1
-            values = self._d_update(real, regularise and i == 0, measure=last, poison=state.poison)
+            values = self._d_update(real, labels, regularise and i == 0, measure=last, poison=state.poison)
             if values is None:
                 return False  # G would train against a broken D
             for key in sums:
@@ -164,20 +168,23 @@ class GANTask:
         metrics.update({k: v / loss_cfg.d_steps for k, v in sums.items()})
         return True
 
-    def _d_update(self, real: torch.Tensor, regularise: bool, measure: bool, poison: bool) -> dict | None:
+    def _d_update(self, real: torch.Tensor, labels: torch.Tensor | None, regularise: bool, measure: bool,
+                  poison: bool) -> dict | None:
         """One D update; its scalars, or None when its loss was not finite on some rank."""
         m = real.shape[0]
+        z, fake_labels = self._z(m), self._fake_labels(m)
         with torch.no_grad():
-            fake = self.g.module(self._z(m).to(self.g_dtype)).float()
+            fake = self.g.module(*self._g_args(z, fake_labels)).float()
         real_in, fake_in = self._aug(real), self._aug(fake)
-        logits = self.d(torch.cat([real_in, fake_in]).to(self.d_dtype)).float()
+        both = torch.cat([real_in, fake_in]).to(self.d_dtype)
+        logits = (self.d(both) if labels is None else self.d(both, torch.cat([labels, fake_labels]))).float()
         real_logits, fake_logits = logits[:m], logits[m:]
         d_loss = self.d_loss_fn(real_logits, fake_logits)
         total, values = d_loss, {}
         if poison:  # a real NaN through the real guard
             total = total * float("nan")
         if regularise:
-            penalty, penalties = self._d_penalties(real_in, fake_in)
+            penalty, penalties = self._d_penalties(real_in, fake_in, labels, fake_labels)
             total = total + penalty
             values.update({k: v.item() for k, v in penalties.items()})
         if not all_finite(self.dist.device, total):
@@ -197,8 +204,10 @@ class GANTask:
         A non-finite G loss skips G's update only (counted); the step goes on to the EMA."""
         self.d.module.requires_grad_(False)
         try:
-            fake = self.g(self._z(state.real.shape[0]).to(self.g_dtype))
-            g_loss = self.g_loss_fn(self.d.module(self._aug(fake.float()).to(self.d_dtype)))
+            n = state.real.shape[0]
+            z, fake_labels = self._z(n), self._fake_labels(n)
+            fake = self.g(*self._g_args(z, fake_labels))
+            g_loss = self.g_loss_fn(self.d.module(*self._d_args(self._aug(fake.float()), fake_labels)))
             g_ok = all_finite(self.dist.device, g_loss)
             if g_ok:
                 self.g.backward(g_loss)
@@ -227,6 +236,24 @@ class GANTask:
     def _z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.cfg.model.z_dim, generator=self.noise, device=self.dist.device)
 
+    def _fake_labels(self, n: int) -> torch.Tensor | None:
+        """Classes for generated samples, uniform (conditional only: an unconditional run draws nothing)."""
+        if not self.num_classes:
+            return None
+        return torch.randint(self.num_classes, (n,), generator=self.noise, device=self.dist.device)
+
+    def _labels(self, batch: dict) -> torch.Tensor | None:
+        if not self.num_classes:
+            return None
+        return torch.as_tensor(batch["label"], dtype=torch.int64).to(self.dist.device)
+
+    def _g_args(self, z: torch.Tensor, labels: torch.Tensor | None) -> tuple:
+        return generator_args(self.g.module, z, labels)
+
+    def _d_args(self, x: torch.Tensor, labels: torch.Tensor | None) -> tuple:
+        x = x.to(self.d_dtype)
+        return (x,) if labels is None else (x, labels)
+
     def _real(self, batch: dict) -> torch.Tensor:
         if "points" in batch:
             return batch["points"].to(self.dist.device).float()
@@ -235,20 +262,21 @@ class GANTask:
     def _aug(self, x: torch.Tensor) -> torch.Tensor:
         return diff_augment(x, self.augment_ops, self.noise) if self.augment_ops else x
 
-    def _d_penalties(self, real: torch.Tensor, fake: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _d_penalties(self, real: torch.Tensor, fake: torch.Tensor, real_labels: torch.Tensor | None,
+                     fake_labels: torch.Tensor | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted sum of the enabled penalties (fp32, scaled by the lazy interval) and their values."""
         loss, k = self.cfg.loss, self.cfg.loss.r1_every
         total, values = torch.zeros((), device=real.device), {}
         if loss.r1_gamma > 0:
-            r1 = r1_penalty(self.d.module, real)
+            r1 = r1_penalty(self.d.module, real, real_labels)
             total = total + r1 * (loss.r1_gamma / 2 * k)
             values["r1"] = r1
         if loss.r2_gamma > 0:
-            r2 = r2_penalty(self.d.module, fake)
+            r2 = r2_penalty(self.d.module, fake, fake_labels)
             total = total + r2 * (loss.r2_gamma / 2 * k)
             values["r2"] = r2
         if loss.gp_gamma > 0:
-            gp = wgan_gp_penalty(self.d.module, real, fake, self.noise)
+            gp = wgan_gp_penalty(self.d.module, real, fake, self.noise, real_labels)
             total = total + gp * (loss.gp_gamma * k)
             values["gp"] = gp
         return total, values
@@ -288,7 +316,9 @@ class GANTask:
         outs = []
         for start in range(0, n, 500):
             z = torch.randn(min(500, n - start), self.cfg.model.z_dim, generator=gen, device=self.dist.device)
-            outs.append(net(z.to(module_dtype(net))).float())
+            labels = torch.arange(start, start + len(z), device=self.dist.device) % self.num_classes \
+                if self.num_classes else None  # every class equally often
+            outs.append(net(*generator_args(net, z, labels)).float())
         x = torch.cat(outs)
         return images_to_uint8_nchw(x) if m_is_image(self.cfg) else x.cpu().numpy()
 
@@ -299,7 +329,7 @@ class GANTask:
 
     @torch.no_grad()
     def samples(self) -> dict[str, np.ndarray]:
-        out = self.sampler(self.fixed_z.to(module_dtype(self.sampler))).float()
+        out = self.sampler(*generator_args(self.sampler, self.fixed_z, self.fixed_c)).float()
         if not m_is_image(self.cfg):
             return {"samples": scatter_plot(out.cpu().numpy())}
         return {"samples": make_grid(to_uint8(out), nrow=8)}
@@ -318,6 +348,19 @@ class GANTask:
         if self.ema is not None:
             out.update({f"g_ema.{k}": v for k, v in self.ema.module.state_dict().items()})
         return out
+
+
+def grid_labels(num_classes: int, n: int, device) -> torch.Tensor | None:
+    """Labels of the fixed sample grid: one row of 8 per class (the first n // 8 classes), or None."""
+    if not num_classes:
+        return None
+    return (torch.arange(n, device=device) // 8) % num_classes
+
+
+def generator_args(net: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> tuple:
+    """(z,) or (z, labels) in the network's dtype."""
+    z = z.to(module_dtype(net))
+    return (z,) if labels is None else (z, labels)
 
 
 def m_is_image(cfg: DictConfig) -> bool:

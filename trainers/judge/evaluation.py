@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_shards.build import parse_labels  # noqa: F401 - the CLI's anomaly command reads it from here
 from data_shards.stream import ShardStream
 from trainers.judge.inference import load_sampler, sample_to_npz
 from trainers.vae.task import decoder_link, log_scale_of
@@ -145,14 +146,3 @@ def encode(run_dir, shards, out) -> int:
     np.savez_compressed(out, keys=np.array(keys), labels=np.concatenate(labels), mean=np.concatenate(means),
                         std=np.concatenate(stds))
     return len(keys)
-
-
-def parse_labels(text: str | None) -> set[int] | None:
-    """'0-8' or '0,1,2' or '0-3,7' -> a set of ints."""
-    if not text:
-        return None
-    labels = set()
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        labels.update(range(int(lo), int(hi or lo) + 1))
-    return labels

@@ -63,11 +63,22 @@ def load_sampler(run_dir: str | Path) -> tuple[torch.nn.Module, object]:
 
 
 @torch.no_grad()
-def sample_to_npz(run_dir: str | Path, n: int, out: str | Path, seed: int = 0, batch: int = 500) -> Path:
-    """Write `images` (uint8, N,H,W,C) or `points` (float32, N,2) to an .npz file."""
+def sample_to_npz(run_dir: str | Path, n: int, out: str | Path, seed: int = 0, batch: int = 500,
+                  class_index: int | None = None) -> Path:
+    """Write `images` (uint8, N,H,W,C) or `points` (float32, N,2) to an .npz file.
+
+    A class-conditional GAN samples `class_index` only, or every class equally often (then
+    `labels` holds each sample's class)."""
     if n <= 0:
         raise ConfigError(f"--n must be > 0, got {n}")
     net, cfg = load_sampler(run_dir)
+    classes = int(cfg.model.get("num_classes", 0)) if cfg.kind == "gan" else 0
+    if class_index is not None and not 0 <= class_index < max(classes, 1):
+        raise ConfigError(f"--class {class_index}: this run is not class-conditional" if not classes
+                          else f"--class {class_index}: the run has classes 0..{classes - 1}")
+    labels = None
+    if classes:
+        labels = torch.full((n,), class_index) if class_index is not None else torch.arange(n) % classes
     gen = torch.Generator().manual_seed(seed)
     chunks = []
     for start in range(0, n, batch):
@@ -76,7 +87,8 @@ def sample_to_npz(run_dir: str | Path, n: int, out: str | Path, seed: int = 0, b
             z = torch.randn(m, net.latent_dim, generator=gen)
             chunks.append(to_pixels(net.decode(z), decoder_link(cfg)) * 2 - 1)
         else:
-            chunks.append(net(torch.randn(m, cfg.model.z_dim, generator=gen)))
+            z = torch.randn(m, cfg.model.z_dim, generator=gen)
+            chunks.append(net(z) if labels is None else net(z, labels[start:start + m]))
     x = torch.cat(chunks)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +96,8 @@ def sample_to_npz(run_dir: str | Path, n: int, out: str | Path, seed: int = 0, b
         np.savez_compressed(out, points=x.numpy().astype(np.float32))
     else:
         images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        np.savez_compressed(out, images=images)
+        extra = {"labels": labels.numpy()} if labels is not None else {}
+        np.savez_compressed(out, images=images, **extra)
     return out
 
 
