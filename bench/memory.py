@@ -57,7 +57,8 @@ def summarise(points: list[tuple[int, float]], unit: str, peak: float | None = N
 
 
 def reader_child(shards: str, size: int, batches: int, workers: int = 0) -> dict:
-    from data_shards.stream import ShardStream, make_loader
+    from data_shards.loader import make_loader
+    from data_shards.stream import ShardStream
 
     if workers:
         stream = iter(make_loader(shards, 64, num_workers=workers, image_size=size, channels=3, shuffle_buffer=512))

@@ -135,7 +135,9 @@ def bench_config(shards: Path, size: int, fmt: str, images: int, rounds: int) ->
     """Images/s of reader, raw decode and webdataset for one (size, format), and the ratios."""
     import webdataset as wds
 
-    from data_shards.stream import ShardStream, read_shard, resolve_shards
+    from data_shards.specs import resolve_shards
+    from data_shards.stream import ShardStream
+    from data_shards.tars import read_shard
 
     urls = resolve_shards(shards)
     encoded = [raw[fmt] for url in urls for raw in read_shard(url)]
@@ -254,7 +256,8 @@ def bench_decoders(shards: Path, size: int, images: int, rounds: int, fmt: str =
     """Decoder choice on the shards' bytes: images/s and ratio to PIL. JPEG: PIL (full decode),
     PIL with draft, simplejpeg, gentrain's decode_image; PNG: PIL, pyspng, decode_image."""
     from data_shards import decode as dec
-    from data_shards.stream import read_shard, resolve_shards
+    from data_shards.specs import resolve_shards
+    from data_shards.tars import read_shard
 
     encoded = [raw[fmt] for url in resolve_shards(shards) for raw in read_shard(url)][:images]
 
@@ -291,7 +294,7 @@ def bench_decoders(shards: Path, size: int, images: int, rounds: int, fmt: str =
 
 def bench_scaling(shards: Path, size: int, images: int, rounds: int) -> dict:
     """The reader under a DataLoader with 0, 1 and 2 workers; efficiency against linear."""
-    from data_shards.stream import make_loader
+    from data_shards.loader import make_loader
 
     batches = max(1, images // BATCH)
     loaders = {}

@@ -48,8 +48,8 @@ def _vs_raw_decode(per_image: dict[str, list[float]]) -> dict:
 def source(shards: Path, rounds: int) -> dict:
     """Images/s of each source of the encoded bytes, and its ratio to raw decode."""
     from data_shards import decode
+    from data_shards.specs import resolve_shards
     from data_shards.tars import ShardTable, shard_samples
-    from data_shards.stream import resolve_shards
 
     sj = decode._simplejpeg
     if sj is None:
@@ -57,7 +57,8 @@ def source(shards: Path, rounds: int) -> dict:
     tables = [shard_samples(url) for url in resolve_shards(shards)]
     if not all(isinstance(table, ShardTable) for table in tables):
         return {"skipped": "the bench shards are not indexed as tables"}
-    records = [record[:3] for table in tables for record in table.records(range(len(table)))]
+    records = [(record.buf, record.start, record.end)
+               for table in tables for record in table.records(range(len(table)))]
     encoded = [bytes(buf[start:end]) for buf, start, end in records]
     views = {id(buf): memoryview(buf) for buf, _, _ in records}
     viewed = [(views[id(buf)], start, end) for buf, start, end in records]
@@ -84,7 +85,8 @@ def source(shards: Path, rounds: int) -> dict:
 def destination(shards: Path, rounds: int) -> dict:
     """Images/s of each destination for the decoder's output, and its ratio to raw decode."""
     from data_shards import decode
-    from data_shards.stream import read_shard, resolve_shards
+    from data_shards.specs import resolve_shards
+    from data_shards.tars import read_shard
 
     sj = decode._simplejpeg
     if sj is None:
@@ -121,7 +123,7 @@ def destination(shards: Path, rounds: int) -> dict:
 def worker(shards: Path, rounds: int, images: int) -> dict:
     """Images/s of the 1-worker loader by batch size, the in-process stream, and the fitted
     per-image and per-batch costs of the worker path."""
-    from data_shards.stream import make_loader
+    from data_shards.loader import make_loader
 
     setups = {"in_process_batch_64": (0, 64), "worker_batch_16": (1, 16), "worker_batch_64": (1, 64),
               "worker_batch_256": (1, 256)}

@@ -1,8 +1,9 @@
 """Decoding of single shard members: images, labels and 2-D points.
 
 Every function here turns bytes into a plain numpy value or raises :class:`BadSample`
-with a short machine-readable reason. The stream counts those reasons instead of
-crashing, so nothing in this module may let another exception type escape for bad data.
+with a short machine-readable reason (one of the skip reasons of :mod:`data_shards.errors`).
+The stream counts those reasons instead of crashing, so nothing in this module may let
+another exception type escape for bad data.
 
 PIL is the reference decoder and the fallback that decodes anything. Two faster decoders
 take the common cases first, each only where its output is bit-identical to PIL's (checked
@@ -28,6 +29,8 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
+from data_shards.errors import BAD_LABEL, DECODE_ERROR, TOO_LARGE, BadSample
+
 try:  # optional: the fast JPEG path; PIL alone decodes everything without it
     import simplejpeg as _simplejpeg
 except ImportError:  # pragma: no cover - depends on the environment
@@ -48,25 +51,8 @@ DEFAULT_MAX_PIXELS = 8192 * 8192
 
 IMAGE_EXTENSIONS = frozenset({"png", "jpg", "jpeg", "webp", "bmp", "gif", "ppm", "pgm", "tif", "tiff"})
 
-# Skip reasons reported by the stream (see stream.ShardStream).
-DECODE_ERROR = "decode_error"  # the payload does not decode (corrupt, truncated, wrong format)
-BAD_LABEL = "bad_label"  # .cls is not a non-negative ASCII integer
-TOO_LARGE = "too_large"  # the header announces more than max_pixels pixels
-TRUNCATED_TAR = "truncated_tar"  # the shard ends early or has a corrupt header mid-archive
-MISSING_IMAGE = "missing_image"  # a sample without the payload the stream needs (.png/.npy/...)
-UNREADABLE_SHARD = "unreadable_shard"  # the shard could not be opened at all
-DUPLICATE_MEMBER = "duplicate_member"  # two members with the same key and extension in a row
-
 _GREY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _LABEL_RE = re.compile(rb"\s*(\d{1,18})\s*")  # 18 digits always fits in int64
-
-
-class BadSample(Exception):
-    """A sample that must be skipped; ``reason`` is one of the reason constants above."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 def decode_label(data: bytes) -> int:

@@ -13,6 +13,7 @@ the batch out of the slab (into pinned memory when the loader pins) and hands th
 a pipe. At most ``prefetch_factor`` batches of a worker are in flight, plus the one it fills and
 the next one it has started, so ``prefetch_factor + 3`` slabs mean a worker never waits for one
 in normal operation; if it does, it blocks on the pipe, checking that its parent is alive.
+A batch of pairs takes one slab for its targets and one for its inputs (two pools of slabs).
 """
 from __future__ import annotations
 
@@ -71,55 +72,73 @@ class SlabTransport:
     # -- main side
 
     def resolve(self, batch: Any) -> Any:
-        """A batch as the stream yielded it: the slab's batch copied out (and the slab handed
+        """A batch as the stream yielded it: each slab's array copied out (and the slab handed
         back to its worker); any other batch unchanged."""
         if not isinstance(batch, dict) or "__slab__" not in batch:
             return batch
-        worker, number, handle, key, count, channels_last = batch.pop("__slab__")
-        if handle is not None:
-            self._received[worker, number] = handle.tensor
-        view = self._received[worker, number][:count]
-        out = torch.empty(view.shape, dtype=view.dtype, pin_memory=self.pin_memory)
-        out.copy_(view)
-        self.pipes[worker][1].send(number)  # after the copy: the worker may overwrite it now
-        batch[key] = out.permute(0, 3, 1, 2) if channels_last else out
+        for worker, number, handle, key, count, channels_last in batch.pop("__slab__"):
+            if handle is not None:
+                self._received[worker, number] = handle.tensor
+            view = self._received[worker, number][:count]
+            out = torch.empty(view.shape, dtype=view.dtype, pin_memory=self.pin_memory)
+            out.copy_(view)
+            self.pipes[worker][1].send(number)  # after the copy: the worker may overwrite it now
+            batch[key] = out.permute(0, 3, 1, 2) if channels_last else out
         batch["label"] = torch.tensor(batch["label"], dtype=torch.int64)
         return batch
 
 
 class _WorkerSlabs:
-    """One worker's slabs: arrays handed to the batcher, numbered, reused once released."""
+    """One worker's slabs: arrays handed to the batcher, numbered, reused once released.
+
+    Slabs come in pools, one per (shape, dtype) asked for: the batch's images, and for pairs
+    their inputs too. At most ``_MAX_POOLS`` pools, each of ``capacity`` slabs, all of them
+    within the shared-memory budget; any other array is a plain one, sent the usual way.
+    """
 
     def __init__(self, worker: int, capacity: int, released):
         self.worker, self.capacity, self.released = worker, capacity, released
         self.pid, self.parent = os.getpid(), os.getppid()
         self.tensors: list[torch.Tensor] = []
         self.arrays: list[np.ndarray] = []
-        self.free: list[int] = []
+        self.pool_of: list[tuple] = []  # the (shape, dtype) of each slab
+        self.free: dict[tuple, list[int] | None] = {}  # per pool, its free slabs; None: no pool (budget)
         self.sent: set[int] = set()  # slabs whose tensor the main process already has
-        self.shape: tuple | None = None
-        self.enabled = True  # False once the slabs would not fit the shared-memory budget
+        self.budget: int | None = None  # bytes left for new pools, from the first allocation on
 
     def allocate(self, shape: tuple, dtype) -> np.ndarray:
-        """A free slab as an array of ``shape``; a new slab while there are fewer than the
-        capacity, else one the main process released (waiting for it if need be)."""
-        if self.shape is None:
-            self.shape = (tuple(shape), np.dtype(dtype))
-            self.enabled = self.capacity * np.dtype(dtype).itemsize * math.prod(shape) <= _shm_budget()
-        if not self.enabled or (tuple(shape), np.dtype(dtype)) != self.shape:
+        """A free slab of ``shape``: a new slab while its pool has fewer than the capacity, else
+        one the main process released (waiting for it if need be)."""
+        pool = (tuple(shape), np.dtype(dtype))
+        free = self.free.get(pool, _NO_POOL)
+        if free is _NO_POOL:
+            free = self._new_pool(pool)
+        if free is None:
             return np.empty(shape, dtype=dtype)  # sent the usual way (torch's transport)
         self._collect()
-        if not self.free and len(self.arrays) < self.capacity:
+        if not free and self.pool_of.count(pool) < self.capacity:
             dt = torch.from_numpy(np.empty(0, dtype=dtype)).dtype
             storage = torch.UntypedStorage._new_shared(math.prod(shape) * dt.itemsize)
             tensor = torch.empty(0, dtype=dt).set_(storage, 0, shape)
-            array = tensor.numpy()
-            self.free.append(len(self.arrays))
+            free.append(len(self.arrays))
             self.tensors.append(tensor)
-            self.arrays.append(array)
-        while not self.free:
+            self.arrays.append(tensor.numpy())
+            self.pool_of.append(pool)
+        while not free:
             self._wait()
-        return self.arrays[self.free.pop()]
+        return self.arrays[free.pop()]
+
+    def _new_pool(self, pool: tuple) -> list[int] | None:
+        if self.budget is None:
+            self.budget = _shm_budget()
+        shape, dtype = pool
+        size = self.capacity * dtype.itemsize * math.prod(shape)
+        if len(self.free) >= _MAX_POOLS or size > self.budget:
+            self.free[pool] = None
+        else:
+            self.budget -= size
+            self.free[pool] = []
+        return self.free[pool]
 
     def reference(self, array: np.ndarray, key: str, count: int, channels_last: bool) -> tuple | None:
         """The message entry that stands for ``array[:count]`` if ``array`` is one of these
@@ -137,29 +156,40 @@ class _WorkerSlabs:
         """Return a slab that will not be sent (its contents went out some other way)."""
         number = self._number(array)
         if number is not None:
-            self.free.append(number)
+            self._release(number)
 
     def _number(self, array: np.ndarray) -> int | None:
         """The number of the slab ``array`` is (the very object handed out), or None."""
         return next((number for number, slab in enumerate(self.arrays) if slab is array), None)
+
+    def _release(self, number: int) -> None:
+        self.free[self.pool_of[number]].append(number)
 
     def restart(self) -> None:
         """A new iteration of the stream in this worker (a persistent worker's next epoch): the
         DataLoader has dropped whatever batches were still in flight, so every slab is free, and
         a dropped batch may have carried a slab's first (only) tensor: each is sent again."""
         self._collect()
-        self.free = list(range(len(self.arrays)))
+        for free in self.free.values():
+            if free is not None:
+                free.clear()
+        for number in range(len(self.arrays)):
+            self._release(number)
         self.sent.clear()
 
     def _collect(self) -> None:
         while self.released.poll():
-            self.free.append(self.released.recv())
+            self._release(self.released.recv())
 
     def _wait(self) -> None:
         if self.released.poll(1.0):
-            self.free.append(self.released.recv())
+            self._release(self.released.recv())
         elif os.getppid() != self.parent:  # the main process is gone: nothing will ever come back
             raise SystemExit(0)
+
+
+_NO_POOL = object()
+_MAX_POOLS = 2  # a batch's images, and a pair batch's inputs
 
 
 def _shm_budget(path: str = "/dev/shm") -> int:

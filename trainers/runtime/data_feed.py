@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from data_shards.stream import NoValidSamples, make_loader
+from data_shards.errors import NoValidSamples
+from data_shards.loader import make_loader
+from data_shards.options import StreamOptions
 
 
 class DataFeed:
@@ -26,10 +28,12 @@ class DataFeed:
         # Loader workers hand out batches in strict rotation; after `step` batches the next one
         # is due from logical worker step % workers, so the fresh loader's worker 0 plays it.
         seed = cfg.run.seed if same_layout or state is None else cfg.run.seed + 7919 * step
-        loader = make_loader(shards, cfg.data.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
-                             num_workers=cfg.data.num_workers, seed=seed, shuffle_buffer=cfg.data.shuffle_buffer,
-                             channels=cfg.data.channels, image_size=cfg.data.image_size, channels_last=cfg.trainer.channels_last,
-                             start_positions=self.positions, worker_offset=step % workers)
+        options = StreamOptions(batch_size=cfg.data.batch_size, rank=dist_info.rank, world_size=dist_info.world_size,
+                                num_workers=cfg.data.num_workers, seed=seed, shuffle_buffer=cfg.data.shuffle_buffer,
+                                channels=cfg.data.channels, image_size=cfg.data.image_size,
+                                channels_last=cfg.trainer.channels_last, start_positions=self.positions,
+                                worker_offset=step % workers)
+        loader = make_loader(shards, options)
         self._batches = iter(loader)
 
     def next(self) -> dict:
