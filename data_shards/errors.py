@@ -34,8 +34,11 @@ class BadSample(Exception):
 
 
 class ShardError(Exception):
-    """A shard that could not be read to its end; ``reason`` is a skip reason."""
+    """A shard that could not be read to its end; ``reason`` is a skip reason. ``cut_key`` is
+    the key of the sample whose member data the damage cut off, where it did (None where the
+    damage is at a header, or the shard could not be opened)."""
 
-    def __init__(self, reason: str, url: str, detail: str):
+    def __init__(self, reason: str, url: str, detail: str, cut_key: str | None = None):
         super().__init__(f"{reason}: {url}: {detail}")
         self.reason = reason
+        self.cut_key = cut_key

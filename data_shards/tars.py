@@ -61,8 +61,9 @@ def read_shard(url: str) -> Iterator[dict]:
 
     Raises:
         ShardError: after the last complete sample, if the shard could not be opened
-            (``unreadable_shard``) or is damaged (``truncated_tar``). The sample being read
-            when the damage was found is dropped, since its members may be incomplete.
+            (``unreadable_shard``) or is damaged (``truncated_tar``). Of the sample being
+            read when the damage was found, only a complete one is yielded (see
+            :func:`_group_members`); a cut one is dropped with the damage.
     """
     source = shard_samples(url)
     if isinstance(source, ShardTable):
@@ -110,34 +111,65 @@ def _dict_samples(url: str, scanned: tuple[bytes, list] | None) -> Iterator[dict
 
 def _group_members(url: str, members: Iterator[tuple[str, str, bytes]]) -> Iterator[dict]:
     """Group consecutive (key, ext, bytes) members into samples; a ShardError from ``members``
-    propagates after the last complete sample (the one being assembled is dropped)."""
+    propagates after the last complete sample.
+
+    The sample being assembled when the damage is found is complete, and yielded before the
+    error, when the damage lies in another sample's member (``ShardError.cut_key``: all its
+    members were read, and members of a sample are consecutive), or, where the damage is at a
+    header (a tar cut between members, a garbage header), when it has the same members as the
+    sample before it. Otherwise it may lack members and is dropped: the damage counts it.
+    """
     current: dict | None = None
-    for key, ext, data in members:
-        if current is not None and current["__key__"] == key:
-            if ext in current:
-                current["__duplicates__"] = current.get("__duplicates__", 0) + 1
-            else:
-                current[ext] = data
-            continue
-        if current is not None:
+    previous: dict | None = None
+    try:
+        for key, ext, data in members:
+            if current is not None and current["__key__"] == key:
+                if ext in current:
+                    current["__duplicates__"] = current.get("__duplicates__", 0) + 1
+                else:
+                    current[ext] = data
+                continue
+            if current is not None:
+                yield current
+            previous, current = current, {"__key__": key, "__url__": url, ext: data}
+    except ShardError as exn:
+        if current is not None and _complete(current, exn.cut_key, previous):
             yield current
-        current = {"__key__": key, "__url__": url, ext: data}
+        raise
     if current is not None:
         yield current
 
 
+def _complete(sample: dict, cut_key: str | None, previous: dict | None) -> bool:
+    """Whether ``sample``, being assembled when the damage was found, has all its members (see
+    _group_members)."""
+    if cut_key is not None:
+        return cut_key != sample["__key__"]
+    return previous is not None and _member_exts(sample) == _member_exts(previous)
+
+
+def _member_exts(sample: dict) -> set[str]:
+    return {ext for ext in sample if not ext.startswith("__")}  # no __key__, __url__, __duplicates__
+
+
 def _tarfile_members(url: str, stream) -> Iterator[tuple[str, str, bytes]]:
-    """Sample members of a tar read with ``tarfile`` (any format, any source gopen opens)."""
+    """Sample members of a tar read with ``tarfile`` (any format, any source gopen opens).
+    Damage raises ShardError, with the key of the member whose data it cut, if it did."""
+    reading = None  # the key of the member whose data is being read
     try:
         tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndRecordingTarInfo)
         for info in tar:
-            member = _read_member(tar, info)
             tar.members = []  # streaming mode keeps every TarInfo otherwise
-            if member is not None:
-                yield member
+            named = _sample_member(info)
+            if named is None:
+                continue
+            reading = named[0]
+            data = tar.extractfile(info).read()
+            reading = None
+            yield named[0], named[1], data
         stop = getattr(tar, "gentrain_stop", None)
     except Exception as exn:  # tarfile.ReadError, EOFError, zlib.error, OSError, ...
-        raise ShardError(TRUNCATED_TAR, url, f"{type(exn).__name__}: {exn}") from None
+        raise ShardError(TRUNCATED_TAR, url, f"{type(exn).__name__}: {exn}", cut_key=reading) from None
     if not isinstance(stop, tarfile.EOFHeaderError):
         raise ShardError(TRUNCATED_TAR, url, f"no end-of-archive marker ({type(stop).__name__})")
 
@@ -378,7 +410,7 @@ def _scan(url: str) -> ShardTable | tuple[bytes, list[tuple[str, str, int, int]]
     Accepts only what it can vouch for exactly as ``tarfile`` would read it: regular files and
     directories (ustar/v7/GNU headers with octal fields and valid checksums), each member
     complete, ending with an end-of-archive block. Member names go through the same rules as
-    :func:`_read_member`.
+    :func:`_sample_member`.
     """
     if REMOTE_RE.match(url) or url.endswith(_COMPRESSED_SUFFIXES):
         return None
@@ -587,7 +619,7 @@ def _walk_tar(buf: bytes) -> list[tuple[str, int, int]] | None:
 
 
 def _split_name(name: str) -> tuple[str | None, str | None]:
-    """(key, ext) of a member name as :func:`_read_member` splits it; (None, None) to skip.
+    """(key, ext) of a member name as :func:`_sample_member` splits it; (None, None) to skip.
 
     The usual "dir/key.ext" (a key not starting with a dot, no newline, not ``__meta__``) is
     split with string operations, which give what base_plus_ext's regex gives for such names;
@@ -602,8 +634,8 @@ def _split_name(name: str) -> tuple[str | None, str | None]:
     return base_plus_ext(name)
 
 
-def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[str, str, bytes] | None:
-    """(key, extension, bytes) of a regular member, or None for members that are not sample data."""
+def _sample_member(info: tarfile.TarInfo) -> tuple[str, str] | None:
+    """(key, lower-cased extension) of a regular member, or None for members that are not sample data."""
     if not info.isreg():
         return None
     if _META_RE.match(info.name):
@@ -611,5 +643,5 @@ def _read_member(tar: tarfile.TarFile, info: tarfile.TarInfo) -> tuple[str, str,
     key, ext = base_plus_ext(info.name)
     if key is None:
         return None
-    return key, ext.lower(), tar.extractfile(info).read()
+    return key, ext.lower()
 

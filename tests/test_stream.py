@@ -186,7 +186,7 @@ def test_batch_to_float_maps_to_unit_interval():
 
 # ---------------------------------------------------------------------------- bad data
 
-PLANTED = Counter(decode_error=2, bad_label=1, too_large=2, missing_image=1, truncated_tar=1, duplicate_member=1)
+PLANTED = Counter(decode_error=2, bad_label=1, too_large=2, missing_image=1, truncated_tar=2, duplicate_member=1)
 
 
 @pytest.fixture
@@ -195,7 +195,7 @@ def corrupt_shards(tmp_path) -> tuple[Path, set[str]]:
 
 
 def build_corrupt_shards(tmp_path: Path) -> tuple[Path, set[str]]:
-    """Two shards with one of each kind of damage; returns (dir, keys of the valid samples)."""
+    """Three shards with one of each kind of damage; returns (dir, keys of the valid samples)."""
     valid = lambda key, seed: (key, [("cls", str(seed % 10).encode()), ("png", png_bytes(seed=seed))])  # noqa: E731
     good = png_bytes(seed=99)
     first = [valid(f"v{i}", i) for i in range(5)] + [
@@ -217,8 +217,16 @@ def build_corrupt_shards(tmp_path: Path) -> tuple[Path, set[str]]:
     data = second.read_bytes()
     second.write_bytes(data[: last_png.offset_data + last_png.size // 2])  # cut inside w5.png
 
-    keys = {f"v{i}" for i in range(10)} | {f"w{i}" for i in range(5)} | {"rgbodd", "nolabel", "dup"}
-    return tmp_path, keys
+    # Cut inside the first member of x3 (png before cls here): x0-x2 are complete and must all
+    # arrive (x2 was dropped with the damage before), x3 is counted once as truncated_tar.
+    third = write_tar(tmp_path / "shard-000002.tar", [(f"x{i}", [("png", png_bytes(seed=40 + i)), ("cls", b"7")])
+                                                      for i in range(6)])
+    with tarfile.open(third) as tar:
+        cut = tar.getmember("x3.png")
+    third.write_bytes(third.read_bytes()[: cut.offset_data + cut.size // 2])
+
+    keys = {f"v{i}" for i in range(10)} | {f"w{i}" for i in range(5)} | {f"x{i}" for i in range(3)}
+    return tmp_path, keys | {"rgbodd", "nolabel", "dup"}
 
 
 @pytest.mark.timeout(60)
@@ -238,21 +246,28 @@ def test_planted_corruption_is_counted_and_valid_samples_survive(corrupt_shards,
 @pytest.mark.timeout(60)
 def test_skips_are_reported_in_every_infinite_pass(corrupt_shards):
     shards, valid_keys = corrupt_shards
-    stream = ShardStream(shards, 6, shuffle_buffer=0)
-    # With no shuffle buffer, 3 passes of 18 valid samples are exactly 9 batches of 6.
+    stream = ShardStream(shards, 7, shuffle_buffer=0)
+    # With no shuffle buffer, 3 passes of 21 valid samples are exactly 9 batches of 7.
     batches = list(islice(iter(stream), 9))
     assert skipped_of(batches) == Counter({reason: 3 * n for reason, n in PLANTED.items()})
 
 
-def test_tar_cut_at_a_member_boundary_is_not_a_silent_end(tmp_path):
+@pytest.mark.parametrize("cut_before, delivered", [
+    ("k2.cls", {"k0", "k1"}),  # between samples: k1 has the members k0 has, so it is complete
+    ("k2.png", {"k0", "k1"}),  # between k2's members: k2 lacks its png, dropped with the damage
+    ("end", {"k0", "k1", "k2", "k3"}),  # every member there, only the end-of-archive blocks missing
+])
+def test_tar_cut_at_a_member_boundary_is_not_a_silent_end(tmp_path, cut_before, delivered):
     """Python's tarfile (and so webdataset 1.0.2) ends quietly here, losing the rest."""
     path = write_tar(tmp_path / "cut.tar", [(f"k{i}", [("cls", b"1"), ("png", png_bytes(seed=i))]) for i in range(4)])
     with tarfile.open(path) as tar:
-        boundary = tar.getmember("k2.cls").offset  # start of k2's first header
+        last = tar.getmember("k3.png")
+        boundary = last.offset_data + 512 * -(-last.size // 512) if cut_before == "end" else \
+            tar.getmember(cut_before).offset  # the start of that member's header
     path.write_bytes(path.read_bytes()[:boundary])
 
     batches = collect(path)
-    assert keys_of(batches) == Counter({"k0": 1})  # k1 may lack members: dropped with the damage
+    assert keys_of(batches) == Counter(delivered)
     assert skipped_of(batches) == Counter(truncated_tar=1)
 
 
@@ -268,7 +283,7 @@ def test_garbage_header_mid_archive_and_missing_shard_are_counted(tmp_path):
     stream = ShardStream([path, gone], 4, passes=1, shuffle_buffer=0, return_keys=True)
     gone.unlink()  # vanishes between resolving and reading
     batches = list(stream)
-    assert keys_of(batches) == Counter({"k0": 1})
+    assert keys_of(batches) == Counter({"k0": 1, "k1": 1})  # k1 has k0's members: complete
     assert skipped_of(batches) == Counter(truncated_tar=1, unreadable_shard=1)
 
 
