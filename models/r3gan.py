@@ -1,0 +1,246 @@
+"""R3GAN-style networks (Huang et al. 2024, "The GAN is dead; long live the GAN!"), in plain ops.
+
+Both networks are stacks of ResNeXt-like residual blocks, one stage per resolution:
+
+    block(x) = x + conv1x1(lrelu(conv3x3_grouped(lrelu(conv1x1(x)))))
+
+with no normalisation layer anywhere. The last conv of every residual branch starts at zero (a
+fresh block is the identity) and the other two are initialised at N(0, gain^2 / fan_in) with
+gain = lrelu_gain * L^(-1/4), L = the number of blocks in the network (fix-up variance scaling,
+so the residual stream's variance stays bounded however deep the network). Resolution changes are
+[1, 2, 1] (binomial) FIR up/down-sampling with a 1x1 conv where the width changes.
+
+Generator: a learned 4x4 basis modulated per channel by a linear map of z (and of the label
+embedding, concatenated to z), stages up to the image size, a 1x1 conv to the image's channels,
+then tanh (the contract of this project's generators: images in [-1, 1]; R3GAN itself leaves the
+output unbounded). Discriminator: the mirror image, a 1x1 conv from the image, stages down to
+4x4, a depthwise 4x4 "basis" conv to a feature vector, a linear head; class-conditional as a
+projection discriminator (logit += <embed(c), features>).
+
+Widths follow this project's convention (models.blocks.widths): `base` channels at the image's
+resolution, doubling at each halving, capped; the 4x4 stage has the 8x8 stage's width.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models.blocks import num_resolution_steps, widths
+from models.registry import register
+
+LRELU_SLOPE = 0.2
+LRELU_GAIN = math.sqrt(2.0 / (1.0 + LRELU_SLOPE**2))  # keeps unit variance through leaky ReLU
+
+# ---------------------------------------------------------------------------------------------
+# FIR resampling as depthwise (groups = channels) convolutions with a fixed separable kernel:
+# plain, twice-differentiable ops, and much faster on CPU than slicing or a (B*C, 1, H, W) view.
+# Shared with models.stylegan2.
+
+
+def _kernel(taps, x: torch.Tensor, gain: float) -> torch.Tensor:
+    f = torch.as_tensor(taps, dtype=torch.float32, device=x.device)
+    k = torch.outer(f, f) * (gain / f.sum() ** 2)
+    return k.to(x.dtype if x.is_floating_point() else torch.float32).expand(x.shape[1], 1, *k.shape)
+
+
+def fir_filter(x: torch.Tensor, taps, pad: int, gain: float = 1.0) -> torch.Tensor:
+    """Correlate each channel of an NCHW tensor with the separable kernel taps x taps (normalised
+    to sum to `gain`), zero padding `pad` on every side, stride 1."""
+    return F.conv2d(x, _kernel(taps, x, gain), padding=pad, groups=x.shape[1])
+
+
+def upsample2d(x: torch.Tensor, taps) -> torch.Tensor:
+    """2x upsampling: zero insertion then the normalised FIR taps (gain 4 in all). [1, 2, 1] is
+    linear interpolation at the half-pixel positions; [1, 3, 3, 1] is bilinear
+    (align_corners=False) with zero borders (StyleGAN2's upfirdn2d with up=2)."""
+    k = len(taps)
+    p = (k - 1) // 2  # even outputs centred on the input pixels for odd filters
+    return F.conv_transpose2d(x, _kernel(taps, x, 4.0), stride=2, padding=p, output_padding=2 + 2 * p - k,
+                              groups=x.shape[1])
+
+
+def downsample2d(x: torch.Tensor, taps) -> torch.Tensor:
+    """2x downsampling: the normalised FIR filter, then every second pixel."""
+    return F.conv2d(x, _kernel(taps, x, 1.0), stride=2, padding=(len(taps) - 1) // 2, groups=x.shape[1])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def msr_init_(weight: torch.Tensor, gain: float = 1.0) -> torch.Tensor:
+    """N(0, gain^2 / fan_in) (fan_in = in_channels / groups x kernel area); gain 0 -> zeros."""
+    with torch.no_grad():
+        if gain == 0:
+            return weight.zero_()
+        return weight.normal_(0.0, gain / math.sqrt(weight[0].numel()))
+
+
+def _conv(in_ch: int, out_ch: int, kernel: int = 1, groups: int = 1, gain: float = 1.0) -> nn.Conv2d:
+    conv = nn.Conv2d(in_ch, out_ch, kernel, padding=kernel // 2, groups=groups, bias=False)
+    msr_init_(conv.weight, gain)
+    return conv
+
+
+class BiasedLeakyReLU(nn.Module):
+    """leaky_relu(x + b, 0.2) with a learned per-channel bias (R3GAN's BiasedActivation)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.leaky_relu(x + self.bias.to(x.dtype).view(1, -1, 1, 1), LRELU_SLOPE)
+
+
+class ResidualBlock(nn.Module):
+    """x + conv1x1(act(grouped conv3x3(act(conv1x1(x))))); the last conv starts at zero."""
+
+    def __init__(self, channels: int, cardinality: int, expansion: int, variance_scale: int, kernel: int = 3):
+        super().__init__()
+        hidden = channels * expansion
+        groups = math.gcd(hidden, max(1, cardinality))
+        gain = LRELU_GAIN * variance_scale ** (-1.0 / (2 * 3 - 2))  # 3 linear layers per branch
+        self.conv1 = _conv(channels, hidden, 1, gain=gain)
+        self.act1 = BiasedLeakyReLU(hidden)
+        self.conv2 = _conv(hidden, hidden, kernel, groups=groups, gain=gain)
+        self.act2 = BiasedLeakyReLU(hidden)
+        self.conv3 = _conv(hidden, channels, 1, gain=0.0)
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.act2(self.conv2(self.act1(self.conv1(x)))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.branch(x)
+
+
+class Upsample(nn.Module):
+    """1x1 conv to the new width (at the low resolution, where it is cheap), then FIR 2x up."""
+
+    def __init__(self, in_ch: int, out_ch: int, taps: list[float]):
+        super().__init__()
+        self.taps = list(taps)
+        self.proj = _conv(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return upsample2d(self.proj(x), self.taps)
+
+
+class Downsample(nn.Module):
+    """FIR 2x down, then a 1x1 conv to the new width (at the low resolution)."""
+
+    def __init__(self, in_ch: int, out_ch: int, taps: list[float]):
+        super().__init__()
+        self.taps = list(taps)
+        self.proj = _conv(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(downsample2d(x, self.taps))
+
+
+class GenerativeBasis(nn.Module):
+    """A learned (C, 4, 4) basis, each channel scaled by a linear map of the input vector."""
+
+    def __init__(self, in_dim: int, channels: int):
+        super().__init__()
+        self.basis = nn.Parameter(torch.randn(channels, 4, 4))
+        self.linear = nn.Linear(in_dim, channels, bias=False)
+        msr_init_(self.linear.weight)
+
+    def forward(self, v: torch.Tensor) -> torch.Tensor:
+        return self.basis.to(v.dtype).unsqueeze(0) * self.linear(v).unsqueeze(-1).unsqueeze(-1)
+
+
+class DiscriminativeBasis(nn.Module):
+    """Depthwise 4x4 conv (no padding): a (B, C, 4, 4) map -> a (B, C) feature vector."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 4, groups=channels, bias=False)
+        msr_init_(self.conv.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).flatten(1)
+
+
+def stage_widths(base: int, image_size: int, cap: int = 512) -> list[int]:
+    """Widths from 4x4 up to image_size: 4x4 as 8x8, then models.blocks.widths reversed."""
+    chans = widths(base, num_resolution_steps(image_size), cap)  # image_size, /2, ..., 8
+    return [chans[-1]] + chans[::-1]
+
+
+def _labels(c: torch.Tensor | None, num_classes: int, who: str) -> torch.Tensor:
+    if c is None:
+        raise ValueError(f"this {who} is class-conditional (num_classes={num_classes}): pass labels c")
+    return c.long()
+
+
+class R3GANGenerator(nn.Module):
+    """G(z, c=None) -> (B, channels, image_size, image_size) in [-1, 1]."""
+
+    def __init__(self, z_dim: int = 64, image_size: int = 32, channels: int = 3, base_channels: int = 64,
+                 blocks_per_stage: int = 1, cardinality: int = 8, expansion: int = 1, num_classes: int = 0,
+                 max_channels: int = 512, taps: tuple[float, ...] = (1, 2, 1)):
+        super().__init__()
+        self.z_dim, self.image_size, self.channels, self.num_classes = z_dim, image_size, channels, num_classes
+        chans = stage_widths(base_channels, image_size, max_channels)
+        scale = blocks_per_stage * len(chans)
+        self.embed = nn.Embedding(num_classes, z_dim) if num_classes > 0 else None
+        self.basis = GenerativeBasis(z_dim * (2 if num_classes > 0 else 1), chans[0])
+        stages = []
+        for i, ch in enumerate(chans):
+            layers = [] if i == 0 else [Upsample(chans[i - 1], ch, list(taps))]
+            layers += [ResidualBlock(ch, cardinality, expansion, scale) for _ in range(blocks_per_stage)]
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.to_image = _conv(chans[-1], channels, 1)
+
+    def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        if self.embed is not None:
+            z = torch.cat([z, self.embed(_labels(c, self.num_classes, "generator")).to(z.dtype)], dim=1)
+        return torch.tanh(self.to_image(self.stages(self.basis(z))))
+
+
+class R3GANDiscriminator(nn.Module):
+    """D(x, c=None) -> (B,) logits; a projection discriminator when num_classes > 0."""
+
+    def __init__(self, image_size: int = 32, channels: int = 3, base_channels: int = 64, blocks_per_stage: int = 1,
+                 cardinality: int = 8, expansion: int = 1, num_classes: int = 0, max_channels: int = 512,
+                 taps: tuple[float, ...] = (1, 2, 1)):
+        super().__init__()
+        self.num_classes = num_classes
+        chans = stage_widths(base_channels, image_size, max_channels)[::-1]  # image_size ... 4x4
+        scale = blocks_per_stage * len(chans)
+        self.from_image = _conv(channels, chans[0], 1)
+        stages = []
+        for i, ch in enumerate(chans):
+            layers = [ResidualBlock(ch, cardinality, expansion, scale) for _ in range(blocks_per_stage)]
+            if i + 1 < len(chans):
+                layers.append(Downsample(ch, chans[i + 1], list(taps)))
+            stages.append(nn.Sequential(*layers))
+        self.stages = nn.Sequential(*stages)
+        self.basis = DiscriminativeBasis(chans[-1])
+        self.head = nn.Linear(chans[-1], 1, bias=False)
+        msr_init_(self.head.weight)
+        self.embed = None
+        if num_classes > 0:
+            self.embed = nn.Embedding(num_classes, chans[-1])
+            nn.init.normal_(self.embed.weight, 0.0, 1.0 / math.sqrt(chans[-1]))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
+        feat = self.basis(self.stages(self.from_image(x)))
+        logits = self.head(feat).squeeze(1)
+        if self.embed is not None:
+            logits = logits + (self.embed(_labels(c, self.num_classes, "discriminator")).to(feat.dtype) * feat).sum(1)
+        return logits
+
+
+@register("gan", "r3gan")
+def build_r3gan(model, data, **options):
+    common = dict(image_size=data.image_size, channels=data.channels, blocks_per_stage=model.blocks_per_stage,
+                  cardinality=model.cardinality, expansion=model.expansion,
+                  num_classes=getattr(model, "num_classes", 0))
+    return (R3GANGenerator(model.z_dim, base_channels=model.g_channels, **common),
+            R3GANDiscriminator(base_channels=model.d_channels, **common))
