@@ -545,3 +545,141 @@ def test_tables_give_exactly_what_per_sample_dicts_give(mixed_jpeg_shards, monke
                     assert torch.equal(a[key], b[key]), key
                 else:
                     assert a[key] == b[key], key
+
+
+# ---------------------------------------------------------------------------- paired samples
+
+
+def flat_image(value: int, side: int, fmt: str, mode: str = "RGB") -> bytes:
+    """A side x side image of one colour that encodes ``value`` (0-255) in every pixel."""
+    colour = value if mode == "L" else (value, 255 - value, value // 2)
+    buf = io.BytesIO()
+    Image.new(mode, (side, side), colour).save(buf, format="JPEG" if fmt == "jpg" else "PNG", quality=95)
+    return buf.getvalue()
+
+
+def pair_members(i: int, fmt: str = "png", label: bool = True) -> list[tuple[str, bytes]]:
+    """Pair i as build_shards writes pairs (KEY.src + KEY.tgt + KEY.cls): a 16x16 target and its
+    4x4 input, both of value 8 * i, so a batch shows which input went with which target."""
+    members = [(f"src.{fmt}", flat_image(8 * i, 4, fmt)), (f"tgt.{fmt}", flat_image(8 * i, 16, fmt))]
+    return members + ([("cls", str(i % 5).encode())] if label else [])
+
+
+@pytest.fixture(scope="module")
+def pair_shards(tmp_path_factory) -> Path:
+    """30 pairs p00-p29 in 3 shards: two of PNGs, one of JPEGs."""
+    out = tmp_path_factory.mktemp("pairs")
+    for k in range(3):
+        write_tar(out / f"shard-{k:06d}.tar", [(f"p{i:02d}", pair_members(i, "jpg" if k == 2 else "png"))
+                                               for i in range(10 * k, 10 * k + 10)])
+    return out
+
+
+def check_pairs(batches: list[dict], channels_last: bool = False) -> Counter:
+    """Each batch row's target and input encode the index of its key; returns the keys seen."""
+    for b in batches:
+        image, source = b["image"], b["source"]
+        assert image.dtype == source.dtype == torch.uint8
+        assert image.shape[1:] == (3, 16, 16) and source.shape[1:] == (3, 4, 4)
+        assert image.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        for key, target, input_, label in zip(b["__key__"], image, source, b["label"]):
+            i = int(key[1:])
+            tolerance = 3 if i >= 20 else 0  # the JPEG shard
+            for side in (target, input_):
+                assert (side[0].int() - 8 * i).abs().max() <= tolerance, (key, side[0])
+                assert (side[1].int() - (255 - 8 * i)).abs().max() <= tolerance, key
+            assert int(label) == i % 5
+    return keys_of(batches)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("num_workers, world_size, channels_last", [(0, 1, False), (0, 2, True), (2, 1, True),
+                                                                     (2, 2, False)])
+def test_pairs_batch_each_target_with_its_own_input(pair_shards, num_workers, world_size, channels_last):
+    """Paired shards (detected from their members) yield `image` (the targets) and `source`
+    (the inputs, their own size), every pair once per pass, over ranks and workers."""
+    batches = collect(pair_shards, world_size=world_size, num_workers=num_workers, channels_last=channels_last,
+                      batch_size=4)
+    assert check_pairs(batches, channels_last) == Counter({f"p{i:02d}": 1 for i in range(30)})
+    assert all(b["skipped"] == {} for b in batches)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_pair_batches_through_slabs_equal_the_in_process_stream(pair_shards, num_workers):
+    """A worker sends a batch of pairs through two slabs (targets, inputs), reused: the same
+    batches as the in-process stream, final partial batch (sent the usual way) included."""
+    options = dict(seed=5, shuffle_buffer=8, passes=3, channels_last=True, return_keys=True, kind="pairs")
+    want = list(ShardStream(pair_shards, 7, **options))  # 90 pairs: 12 full batches and one of 6
+    loader = make_loader(pair_shards, 7, num_workers=num_workers, **options)
+    got = list(loader)
+    assert len(got) == len(want) == 13 and len(got[-1]["label"]) == 6
+    for a, b in zip(got, want):
+        assert a.keys() == b.keys() and a["__key__"] == b["__key__"] and a["__position__"] == b["__position__"]
+        for name in ("image", "source", "label"):
+            assert a[name].stride() == b[name].stride() and torch.equal(a[name], b[name]), name
+    check_pairs(got, channels_last=True)
+    if num_workers:  # torch's transport would have sent shared-memory tensors
+        assert not any(b["image"].is_shared() or b["source"].is_shared() for b in got[:-1])
+        assert 4 <= len(loader.dataset.transport._received) <= 10  # two pools of at most 5 slabs
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("num_workers, consumed", [(0, 5), (2, 7)])
+def test_resumed_pair_stream_continues_with_exactly_the_same_batches(pair_shards, num_workers, consumed):
+    def loader(**resume):
+        return iter(make_loader(pair_shards, 4, num_workers=num_workers, seed=3, shuffle_buffer=8,
+                                return_keys=True, **resume))
+
+    total = consumed + 12  # 17 batches of 4 over 30 pairs: crosses a pass boundary
+    uninterrupted = [next(batches) for batches in [loader()] for _ in range(total)]
+    positions = {b["__worker__"]: b["__position__"] for b in uninterrupted[:consumed]}
+    resumed = loader(start_positions=positions, worker_offset=consumed % max(1, num_workers))
+    for expected in uninterrupted[consumed:]:
+        got = next(resumed)
+        assert got["__key__"] == expected["__key__"]
+        assert torch.equal(got["image"], expected["image"]) and torch.equal(got["source"], expected["source"])
+    assert any(b["__position__"]["pass"] >= 1 for b in uninterrupted)
+
+
+def test_a_pair_missing_a_side_is_skipped_and_counted(tmp_path):
+    good = [(f"p{i:02d}", pair_members(i)) for i in range(6)]
+    src, tgt, cls = pair_members(40)
+    broken_target = (tgt[0], tgt[1][: len(tgt[1]) // 2])
+    bad = [("nosrc", [tgt, cls]), ("notgt", [src, cls]), ("neither", [cls]), ("badtgt", [src, broken_target, cls]),
+           ("badcls", [src, tgt, ("cls", b"x")]), ("plain", [("png", flat_image(1, 16, "png"))])]
+    write_tar(tmp_path / "shard-000000.tar", good[:3] + bad + good[3:])
+
+    batches = collect(tmp_path, batch_size=2)
+    assert check_pairs(batches) == Counter({f"p{i:02d}": 1 for i in range(6)})
+    assert skipped_of(batches) == Counter(missing_source=1, missing_target=1, missing_image=2, decode_error=1,
+                                          bad_label=1)
+
+
+def test_pair_options_convert_the_input_and_the_target(pair_shards):
+    batch = next(iter(ShardStream(pair_shards, 4, source_channels=1, source_size=8, image_size=12, channels=3)))
+    assert batch["image"].shape == (4, 3, 12, 12) and batch["source"].shape == (4, 1, 8, 8)
+    unlabelled = pair_shards.parent / "unlabelled"
+    unlabelled.mkdir()
+    write_tar(unlabelled / "a.tar", [(f"p{i:02d}", pair_members(i, label=False)) for i in range(3)])
+    batch = next(iter(ShardStream(unlabelled, 3, kind="pairs", passes=1)))
+    assert batch["label"].tolist() == [-1, -1, -1] and batch["source"].shape == (3, 3, 4, 4)
+
+
+# ---------------------------------------------------------------------------- options
+
+
+def test_stream_options_are_one_value_passed_through(digits_dir):
+    from data_shards.options import StreamOptions
+
+    options = StreamOptions(batch_size=8, seed=2, shuffle_buffer=16, channels=3, passes=1, return_keys=True)
+    by_value = list(make_loader(digits_dir, options))
+    by_fields = list(make_loader(digits_dir, 8, seed=2, shuffle_buffer=16, channels=3, passes=1, return_keys=True))
+    assert [b["__key__"] for b in by_value] == [b["__key__"] for b in by_fields]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(by_value, by_fields))
+    assert ShardStream(digits_dir, options, seed=9).options == StreamOptions(**{**vars(options), "seed": 9})
+    for bad, message in [(dict(batch_size=0), "batch_size"), (dict(batch_size=1, rank=2, world_size=2), "rank"),
+                         (dict(batch_size=1, channels=2), "channels"), (dict(batch_size=1, kind="video"), "kind"),
+                         (dict(batch_size=1, passes=0), "passes"), (dict(batch_size=1, source_channels=4), "source_channels")]:
+        with pytest.raises(ValueError, match=message):
+            ShardStream(digits_dir, **bad)
