@@ -4,9 +4,11 @@
 
 Each trial starts the run, picks a checkpoint step at random, waits until that checkpoint is
 written, then a further random 0-2 s (mid-step, mid-log, mid-save of the next checkpoint),
-kills the whole process group with SIGKILL,
-relaunches the same command (which resumes by itself) and compares every tensor of the final
-checkpoint (weights, EMA, each rank's optimizer state) with the uninterrupted run's.
+kills every process of the job at once (launcher, torchrun, trainers, loader workers, W&B's
+service: the whole tree, each by pid, as a machine crash would; a signal to the launcher's
+process group would miss torchrun's workers, which have sessions of their own), checks that
+none survives, relaunches the same command (which resumes by itself) and compares every tensor
+of the final checkpoint (weights, EMA, each rank's optimizer state) with the uninterrupted run's.
 Results: bench/faults.json and a line per trial on stdout.
 """
 from __future__ import annotations
@@ -65,6 +67,91 @@ def timed_run(cmd: list[str], run_dir: Path) -> tuple[float, float]:
     return first or total, total
 
 
+# ---- killing a whole job, as a machine crash would --------------------------------------------------
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process, from /proc."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return parents
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it (torchrun's workers are in sessions of their own, so a
+    process group does not find them; the parent links do)."""
+    parents, tree = _parents(), [root]
+    children: dict[int, list[int]] = {}
+    for pid, parent in parents.items():
+        children.setdefault(parent, []).append(pid)
+    for pid in tree:
+        tree.extend(children.get(pid, []))
+    return tree
+
+
+def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def kill_whole_job(root: int) -> list[int]:
+    """SIGKILL every process of the job under `root` at once, each by pid, as a machine crash would.
+
+    Each process is first stopped (SIGSTOP) so that none can start another or notice the others
+    dying (parent-death signals, watchdogs) while the tree is collected; then all are killed.
+    Returns the pids killed.
+    """
+    stopped: list[int] = []
+    for _ in range(50):
+        new = [pid for pid in process_tree(root) if pid not in stopped and alive(pid)]
+        if not new:
+            break
+        for pid in new:
+            try:
+                os.kill(pid, signal.SIGSTOP)
+                stopped.append(pid)
+            except ProcessLookupError:
+                pass
+    for pid in stopped:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return stopped
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (e.g. a run directory)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if text.encode() in f.read() and alive(int(entry)):
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def wait_all_gone(pids: list[int], timeout: float, mentioning: str | None = None) -> list[int]:
+    """Poll /proc until none of `pids` (nor any process mentioning `mentioning`) is alive; the survivors."""
+    deadline = time.monotonic() + timeout
+    while True:
+        survivors = [pid for pid in pids if alive(pid)] + (processes_mentioning(mentioning) if mentioning else [])
+        if not survivors or time.monotonic() > deadline:
+            return sorted(set(survivors))
+        time.sleep(0.05)
+
+
 def step_of(checkpoint: Path | None) -> int:
     return int(checkpoint.name.split("-")[1]) if checkpoint else 0
 
@@ -80,13 +167,16 @@ def trial(preset: str, work: Path, shards: Path, reference: Path, rng: random.Ra
         time.sleep(0.05)
     time.sleep(rng.uniform(0.0, 2.0))
     finished_first = proc.poll() is not None
-    if not finished_first:
-        os.killpg(proc.pid, signal.SIGKILL)
+    killed = [] if finished_first else kill_whole_job(proc.pid)
     proc.wait()
+    survivors = wait_all_gone(killed, 10.0, mentioning=f"run.dir={run_dir}")
+    if survivors:
+        raise RuntimeError(f"processes of the killed job still alive: {survivors}")
     killed_after = latest(run_dir).name if latest(run_dir) else None
     run_quiet(launch_cmd(preset, run_dir, shards))
     differing = differing_tensors(latest(reference), latest(run_dir))
-    return {"target_checkpoint": target, "killed_after_checkpoint": killed_after, "killed_at_seconds": round(time.perf_counter() - started, 2),
+    return {"target_checkpoint": target, "killed_after_checkpoint": killed_after,
+            "killed_at_seconds": round(time.perf_counter() - started, 2), "processes_killed": len(killed),
             "finished_before_kill": finished_first, "matched": not differing, "differing_tensors": len(differing)}
 
 
@@ -111,7 +201,8 @@ def main() -> int:
     for i in range(args.trials):
         result = trial(args.preset, work, shards, reference, rng)
         results.append(result)
-        print(f"trial {i + 1:2d}: killed after {result['killed_after_checkpoint']} at {result['killed_at_seconds']} s"
+        print(f"trial {i + 1:2d}: {result['processes_killed']} processes killed after "
+              f"{result['killed_after_checkpoint']} at {result['killed_at_seconds']} s"
               f" -> {'bitwise identical' if result['matched'] else 'DIFFERENT'}", flush=True)
     matched = sum(r["matched"] for r in results)
     summary = {"preset": args.preset, "steps": STEPS, "trials": len(results), "matched_exactly": matched,

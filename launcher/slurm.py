@@ -7,8 +7,12 @@ rendezvous on the first node of the allocation. Preemption:
   SLURM sends SIGUSR1 to the batch shell GRACE seconds before the time limit (--signal=B:USR1@GRACE)
   -> the script's trap passes SIGUSR1 to srun, srun to each node's torchrun wrapper, the wrapper
      to its trainers -> all ranks agree at the next step boundary, checkpoint, exit 75
-  -> the script sees 75 and runs `scontrol requeue $SLURM_JOB_ID`; the requeued job starts the
-     same command, which resumes from runs/NAME/checkpoints/latest.
+  -> the script sees 75 (from every node) and runs `scontrol requeue $SLURM_JOB_ID`; the requeued
+     job starts the same command, which resumes from runs/NAME/checkpoints/latest.
+
+Failures are not requeued: an exception on any rank stops every rank within seconds (the failing
+rank's one line, `[gentrain] rank R on HOST failed: ...`, is in the job log), the script exits with
+a non-zero code other than 75 and the job ends FAILED.
 """
 from __future__ import annotations
 
@@ -106,6 +110,7 @@ def render_sbatch(spec: SlurmSpec) -> str:
         'head_addr=$(scontrol show node "$head_node" | grep -o "NodeAddr=[^ ]*" | cut -d= -f2)',
         f"rdzv_port={port}",
         f"export GENTRAIN_PID_DIR={q(run_dir + '/launch')}/pids-$SLURM_JOB_ID  # each node's torchrun writes its pid here",
+        'rm -f "$GENTRAIN_PID_DIR"/node-*.exit  # exit codes of an earlier segment of this (requeued) job',
         'log "rendezvous ${head_addr}:${rdzv_port} (${head_node})"',
         "",
         "# --wait=60: once one node's torchrun has exited, the others get 60 s before SLURM kills them (after a",
@@ -132,13 +137,17 @@ def render_sbatch(spec: SlurmSpec) -> str:
         'rc=0; wait "$srun_pid" || rc=$?',
         'while kill -0 "$srun_pid" 2>/dev/null; do rc=0; wait "$srun_pid" || rc=$?; done',
         "",
-        'if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ]; then',
+        "# srun reports the highest exit code of its tasks: requeue only if every node's torchrun said 75",
+        "# (each writes its code to GENTRAIN_PID_DIR/node-N.exit); a failure on any rank is not requeued.",
+        'others=$(cat "$GENTRAIN_PID_DIR"/node-*.exit 2>/dev/null | grep -vx "$REQUEUE_EXIT_CODE" | sort -u | xargs)',
+        'if [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] && [ -z "$others" ]; then',
         '  log "trainers checkpointed and exited $rc: requeueing job $SLURM_JOB_ID"',
         '  scontrol requeue "$SLURM_JOB_ID"',
         "elif [ \"$rc\" -eq 0 ]; then",
         '  log "training finished"',
         "else",
-        '  log "training failed with exit code $rc"',
+        '  [ "$rc" -eq "$REQUEUE_EXIT_CODE" ] && rc=1  # some node failed: a failure, not a preemption',
+        '  log "training failed with exit code $rc (other node exit codes: ${others:-none}); not requeued"',
         "fi",
         'exit "$rc"',
     ]

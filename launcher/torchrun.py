@@ -4,8 +4,11 @@
 `python -m launcher.torchrun ARGS`: exactly torchrun's arguments and behaviour (it calls
 torch.distributed.run), with two differences that matter for preemption:
 
-- torchrun exits 1 whenever a worker fails; this one exits 75 (REQUEUE_EXIT_CODE) when a
-  worker exited 75, i.e. checkpointed after a preemption signal, so SLURM scripts can requeue.
+- torchrun exits 1 whenever a worker fails; this one exits 75 (REQUEUE_EXIT_CODE) when the
+  workers exited 75, i.e. checkpointed after a preemption signal, so SLURM scripts can requeue,
+  and 2 when they refused to start (bad usage, e.g. the run directory is another live job's).
+- its workers (gentrain train) die with it: they arm a parent-death signal at start, because
+  torchrun starts them in sessions of their own, out of reach of a signal to its process group.
 - torchrun forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT to its workers but SIGUSR1 kills it; this
   one passes SIGUSR1 on to its worker processes (the trainer then checkpoints at the next step
   boundary and exits 75).
@@ -17,9 +20,11 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
+from trainers.runtime.abort import LAUNCHER_PID_ENV, die_with_parent
 from trainers.runtime.signals import REQUEUE_EXIT_CODE
 
 DEFAULT_MASTER_PORT = 29500
+EXIT_USAGE = 2
 
 
 @dataclass
@@ -134,12 +139,28 @@ def _write_pid_file() -> None:
 
 
 def _requeue_or_fail(codes: list[int], what: str) -> int:
-    if REQUEUE_EXIT_CODE in codes:
+    """75 when the workers checkpointed after a preemption signal; 2 when they refused to start (bad
+    usage: e.g. the run directory is another live job's; signals from torchrun stopping the rest
+    aside); else 1."""
+    if REQUEUE_EXIT_CODE in codes and all(c in (0, REQUEUE_EXIT_CODE) or c < 0 for c in codes):
         print(f"[gentrain] workers exited {codes}: checkpointed after a preemption signal, "
               f"exiting {REQUEUE_EXIT_CODE} (requeue me)", file=sys.stderr, flush=True)
         return REQUEUE_EXIT_CODE
     print(f"[gentrain] {what}; worker exit code(s) {codes}", file=sys.stderr, flush=True)
-    return 1
+    own = {c for c in codes if c > 0}
+    return EXIT_USAGE if own == {EXIT_USAGE} else 1
+
+
+def _write_exit_file(code: int) -> None:
+    """Under SLURM, GENTRAIN_PID_DIR/node-$SLURM_NODEID.exit: the batch script requeues only if every
+    node says 75 (srun reports the highest code of its tasks, and 75 > 1)."""
+    pid_dir = os.environ.get("GENTRAIN_PID_DIR")
+    if pid_dir and "SLURM_NODEID" in os.environ:
+        try:
+            with open(os.path.join(pid_dir, f"node-{os.environ['SLURM_NODEID']}.exit"), "w") as f:
+                f.write(f"{code}\n")
+        except OSError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -148,9 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     from torch.distributed.run import parse_args, run
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    die_with_parent()  # under srun: go if slurmstepd goes (`gentrain launch` arms this for its own child)
     signal.signal(signal.SIGUSR1, _forward_usr1)
     _record_workers()
     _write_pid_file()
+    # The workers check that this process (their launcher) is still there when they arm their
+    # parent-death signal (trainers.runtime.abort.die_with_parent).
+    os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    code = _run(run, args, ChildFailedError, SignalException)
+    _write_exit_file(code)
+    return code
+
+
+def _run(run, args, ChildFailedError, SignalException) -> int:
     try:
         run(args)
     except ChildFailedError as err:

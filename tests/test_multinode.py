@@ -6,12 +6,18 @@ each with its own hostname (nodeA, nodeB) and an /etc/hosts naming both. One
 the DeepSpeed VAE and GAN must end with the same weights as `gentrain launch --nproc-per-node 2`
 on one host (compared through `gentrain export` safetensors).
 
+Across the two hosts too: a rank on nodeB that fails (its shards all bad) ends the whole job
+within 30 s with its message on both hosts and non-zero exit codes; a run directory held by a
+live job on nodeA refuses a job from nodeB, and a lock whose lease nodeA stopped renewing
+(killed with -9) does not block nodeB's resume.
+
 Needs root, `ip` and `unshare` (`make test-multinode`); skipped otherwise.
 """
 import json
 import os
 import shutil
 import subprocess
+import threading
 import time
 import uuid
 
@@ -19,6 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bench.faults import kill_whole_job, wait_all_gone
 from tests.conftest import ROOT, run_gentrain
 
 CLUSTER = ROOT / "tests" / "cluster"
@@ -123,3 +130,108 @@ def test_two_hosts_match_one_host(hosts, preset, overrides, tmp_path, digit_shar
     worst = compare(tmp_path, multi, single)
     print(f"\n[multinode] {preset}: launch -> first step {t_multi:.1f} s on two hosts, {t_single:.1f} s on one; "
           f"max |weight difference| {worst:.3g}")
+
+
+# ---- nothing hangs, one job per run directory ------------------------------------------------------
+def on_host(ns: str, name: str, *args, env=None) -> subprocess.Popen:
+    return subprocess.Popen(["bash", CLUSTER / "on_host.sh", ns, name, os.sys.executable, "-m", "launcher.cli",
+                             *map(str, args)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **THREADS, **(env or {})})
+
+
+class Output:
+    """A process's merged output, read as it comes, with the time each line arrived."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc, self.lines = proc, []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        for line in self.proc.stdout:
+            self.lines.append((time.time(), line))
+
+    def first(self, text: str) -> float | None:
+        return next((t for t, line in self.lines if text in line), None)
+
+    @property
+    def text(self) -> str:
+        return "".join(line for _, line in self.lines)
+
+
+def bad_shards(directory):
+    from tests.test_stream import write_tar
+
+    directory.mkdir()
+    for i in range(2):
+        write_tar(directory / f"shard-{i:06d}.tar", [(f"s{i}{j}", [("png", b"not a png"), ("cls", b"1")])
+                                                    for j in range(8)])
+    return directory
+
+
+def test_a_failure_on_the_second_host_stops_the_whole_job(hosts, tmp_path, digit_shards):
+    """nodeB's trainer has only bad shards (NoValidSamples at its first batch) while nodeA's is in its
+    first step's all-reduce: without the abort flag nodeA would wait for gloo's timeout."""
+    run_dir, bad = tmp_path / "fail", bad_shards(tmp_path / "bad")
+    common = ["launch", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-endpoint", f"{PREFIX}.1:{PORT + 1}",
+              "--rdzv-id", "fail", "configs/vae_digits.yaml", f"run.dir={run_dir}", "data.batch_size=16",
+              "data.image_size=32", "data.channels=1", "trainer.max_steps=50", "trainer.progress=false"]
+    outputs = [Output(on_host(hosts[0], "nodeA", *common, f"data.shards={digit_shards}")),
+               Output(on_host(hosts[1], "nodeB", *common, f"data.shards={bad}"))]
+    try:
+        for out in outputs:
+            out.proc.wait(timeout=400)
+            out.thread.join(timeout=10)
+    finally:
+        for out in outputs:
+            if out.proc.poll() is None:
+                kill_whole_job(out.proc.pid)
+    ended = time.time()
+    a, b = outputs
+    failed_at = b.first("on nodeB failed: NoValidSamples: no valid samples")
+    assert failed_at is not None, b.text[-5000:]
+    assert a.proc.returncode != 0 and b.proc.returncode != 0, (a.text[-3000:], b.text[-3000:])
+    # nodeA's ranks (rank 0's output included) say why they stopped: nodeB's one line
+    assert "stopping, rank" in a.text and "on nodeB failed: NoValidSamples: no valid samples" in a.text, a.text[-5000:]
+    assert not (run_dir / ".lock").exists()  # released by rank 0 as it stopped
+    stopped = ended - failed_at
+    assert stopped < 30, f"the job took {stopped:.0f} s to end after nodeB's rank failed"
+    said = next(line for _, line in a.lines if "stopping, rank" in line).strip()
+    print(f"\n[multinode] nodeB's rank failed; both hosts' launches ended {stopped:.1f} s later "
+          f"(exit codes {a.proc.returncode}, {b.proc.returncode}); nodeA said: {said}")
+
+
+def test_a_run_held_on_one_host_refuses_a_job_from_the_other(hosts, tmp_path, digit_shards):
+    run_dir = tmp_path / "held"
+    lease = {"GENTRAIN_LOCK_LEASE_S": "4"}  # renewed every second; dead 4 s after the last renewal
+    args = ["configs/vae_digits.yaml", f"run.dir={run_dir}", f"data.shards={digit_shards}", "data.batch_size=16",
+            "trainer.ckpt_every=2", "trainer.progress=false"]
+    holder = on_host(hosts[0], "nodeA", "train", *args, "trainer.max_steps=100000", env=lease)
+    out = Output(holder)
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints" / "latest").exists():
+            assert holder.poll() is None and time.time() < deadline, out.text[-5000:]
+            time.sleep(0.2)
+        lock = json.loads((run_dir / ".lock").read_text())
+        assert lock["host"] == "nodeA"
+        for command in ("launch", "train"):
+            proc = on_host(hosts[1], "nodeB", command, *args, "trainer.max_steps=4", env=lease)
+            text = proc.communicate(timeout=300)[0]
+            assert proc.returncode == 2, text[-3000:]
+            line = text.strip().splitlines()[-1]
+            assert line.startswith(f"gentrain: error: run directory {run_dir} is in use by another job "
+                                   f"(host nodeA, pid {lock['pid']}, started "), line
+            assert "lease renewed" in line
+    finally:
+        killed = kill_whole_job(holder.pid)
+        holder.wait()
+    assert not wait_all_gone(killed, 10, mentioning=f"run.dir={run_dir}")
+    lock = json.loads((run_dir / ".lock").read_text())  # left behind by kill -9
+    time.sleep(max(0.0, lock["renewed"] + lock["lease_s"] + 0.5 - time.time()))  # its lease expires
+    step = int((run_dir / "checkpoints" / "latest").read_text().split("-")[1])
+    resumed = on_host(hosts[1], "nodeB", "train", *args, f"trainer.max_steps={step + 2}", env=lease)
+    text = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, text[-5000:]
+    assert "took over the lock of a job that is gone (host nodeA" in text and "resumed from" in text
+    assert not (run_dir / ".lock").exists()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bench.faults import kill_whole_job, process_tree, wait_all_gone
 from tests.conftest import ROOT, run_gentrain
 from trainers.runtime.checkpoint import checkpoint_tensors, differing_tensors
 
@@ -46,8 +47,13 @@ def test_kill_9_at_a_random_moment_then_resume_is_bitwise_identical(tmp_path, di
     while not latest.exists() and time.time() < deadline:  # kill only once a checkpoint exists
         time.sleep(0.2)
     time.sleep(random.uniform(0.0, 3.0))  # then at a random moment: mid-step, mid-save, ...
-    os.killpg(proc.pid, signal.SIGKILL)
+    # Every process of the job at once, each by pid (a machine crash): not the launcher's process
+    # group, which misses torchrun's workers (sessions of their own); survivors would finish the run.
+    killed = kill_whole_job(proc.pid)
     proc.wait()
+    assert len(killed) >= 4, killed  # launch, torchrun, 2 trainers (+ loader workers, W&B's service)
+    survivors = wait_all_gone(killed, 10, mentioning=f"run.dir={interrupted}")
+    assert not survivors, f"still alive after kill -9 of the whole job: {survivors}"
     killed_at = latest.read_text().strip()
 
     resumed = run_gentrain(*launch_args(preset, interrupted, digit_shards))
@@ -61,6 +67,80 @@ def test_kill_9_at_a_random_moment_then_resume_is_bitwise_identical(tmp_path, di
     steps = [json.loads(line)["step"] for line in (interrupted / "metrics.jsonl").read_text().splitlines()]
     # Each logged step once: what the killed process logged after its last checkpoint was moved out.
     assert steps == list(range(2, 15, 2)), steps
+
+
+def checkpoints(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").glob("step-*"))
+
+
+def test_killing_the_launchers_process_group_ends_every_trainer(tmp_path, digit_shards):
+    """kill -9 of `gentrain launch`'s process group (torchrun's workers are not in it): the trainers
+    die with their launcher at once, their loader workers within seconds, and nothing more is written."""
+    run_dir = tmp_path / "orphans"
+    proc = start_background(launch_args("configs/gan_digits.yaml", run_dir, digit_shards,
+                                        "trainer.max_steps=400", "trainer.ckpt_every=2"))
+    latest = run_dir / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.exists() and time.time() < deadline:
+        assert proc.poll() is None, "the run ended early"
+        time.sleep(0.2)
+    job = process_tree(proc.pid)
+    cmdlines = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ") for pid in job}
+    trainers = [pid for pid, cmd in cmdlines.items() if b"launcher.cli train" in cmd and b"torchrun" not in cmd]
+    assert len(trainers) >= 4, cmdlines  # 2 trainers and a loader worker each
+    os.killpg(proc.pid, signal.SIGKILL)
+    killed = time.monotonic()
+    proc.wait()
+    survivors = wait_all_gone(job, 10, mentioning=f"run.dir={run_dir}")
+    gone_after = time.monotonic() - killed
+    assert not survivors, f"alive 10 s after their launcher was killed: {survivors}"
+    written = checkpoints(run_dir)
+    time.sleep(3)  # survivors would go on checkpointing every 2 steps
+    assert checkpoints(run_dir) == written and "step-0000400" not in written
+    print(f"\n[orphans] every process of the job gone {gone_after:.1f} s after the launcher's group was killed")
+
+
+def test_a_second_job_on_a_live_run_directory_exits_2_and_touches_nothing(tmp_path, digit_shards):
+    """Two real `gentrain train` on one run directory; then the lock of the first, killed with -9,
+    does not block the resume."""
+    run_dir = tmp_path / "shared"
+    args = ["train", "configs/vae_digits.yaml", f"run.dir={run_dir}", f"data.shards={digit_shards}",
+            "data.batch_size=16", "trainer.ckpt_every=2", "trainer.progress=false"]
+    first = start_background([*args, "trainer.max_steps=100000"])
+    try:
+        latest = run_dir / "checkpoints" / "latest"
+        deadline = time.time() + 300
+        while not latest.exists() and time.time() < deadline:
+            assert first.poll() is None, "the first job ended early"
+            time.sleep(0.2)
+        config, config_mtime = (run_dir / "config.yaml").read_text(), (run_dir / "config.yaml").stat().st_mtime_ns
+
+        started = time.monotonic()
+        second = run_gentrain(*args, "trainer.max_steps=5", "data.batch_size=8", check=False, timeout=120)
+        took = time.monotonic() - started
+        assert second.returncode == 2, second.stderr[-3000:]
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, second.stderr
+        assert lines[0].startswith(f"gentrain: error: run directory {run_dir} is in use by another job (host ")
+        assert f"pid {first.pid}, started " in lines[0]
+        # not rewritten with the second job's config (batch size 8)
+        assert (run_dir / "config.yaml").read_text() == config
+        assert (run_dir / "config.yaml").stat().st_mtime_ns == config_mtime
+        # `gentrain launch` refuses before starting anything
+        launch = run_gentrain("launch", *args[1:], check=False, timeout=120)
+        assert launch.returncode == 2 and "is in use by another job" in launch.stderr.strip().splitlines()[-1]
+        assert "[gentrain] launch:" not in launch.stderr
+    finally:
+        killed = kill_whole_job(first.pid)
+        first.wait()
+    assert not wait_all_gone(killed, 10, mentioning=f"run.dir={run_dir}")
+    assert json.loads((run_dir / ".lock").read_text())["pid"] == first.pid  # left behind by kill -9
+
+    stopped_at = checkpoints(run_dir)[-1]
+    resumed = run_gentrain(*args, f"trainer.max_steps={int(stopped_at.split('-')[1]) + 2}")
+    assert "took over the lock of a job that is gone" in resumed.stdout and "resumed from" in resumed.stdout
+    assert not (run_dir / ".lock").exists()  # released at the end
+    print(f"\n[lock] second job refused in {took:.1f} s")
 
 
 def test_non_finite_steps_are_skipped_counted_and_rolled_back(tmp_path, digit_shards):

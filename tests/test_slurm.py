@@ -130,6 +130,7 @@ def test_slurm_vae_two_nodes(cluster, digit_shards, tmp_path):
     assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", (job, log[-4000:])
     assert job["NodeList"] == "nodeA,nodeB" and job["Restarts"] == "0"
     assert "restart 0 on nodeA,nodeB (2 node(s))" in log and "training finished" in log
+    assert not (run_dir / ".lock").exists()  # released at the end
     assert "2 process(es)" in log
 
     records = metrics(run_dir)
@@ -181,6 +182,7 @@ def test_slurm_gan_preempted_requeued_resumes(cluster, digit_shards, tmp_path):
     assert f"exited 75: requeueing job {job_id}" in log
     assert "restart 0 on" in log and "restart 1 on" in log  # SLURM_RESTART_COUNT, logged by the script
     assert f"resumed from {run_dir}/checkpoints/step-{stop_step:07d} at step {stop_step}" in log
+    assert "took over the lock" not in log  # the preempted segment released it when it exited 75
     assert "training finished" in log
 
     # No step lost or repeated across the requeue.
@@ -190,3 +192,37 @@ def test_slurm_gan_preempted_requeued_resumes(cluster, digit_shards, tmp_path):
     assert (run_dir / "checkpoints" / f"step-{stop_step:07d}" / "COMPLETE").exists()
     print(f"\n[slurm] GAN job {job_id}: submit -> first step {first_step:.1f} s; USR1 -> requeued "
           f"{requeued - signalled:.1f} s (stopped at step {stop_step}); release -> done {finished - requeued:.1f} s")
+
+
+def test_slurm_failure_on_one_node_stops_the_job_and_is_not_requeued(cluster, digit_shards, tmp_path):
+    """nodeB's trainer reads only bad shards (NoValidSamples at its first batch): every rank stops
+    within 30 s, the failing rank's line is in the job log, the job fails and is not requeued."""
+    from tests.test_multinode import bad_shards
+
+    per_node = tmp_path / "per-node"
+    per_node.mkdir()
+    (per_node / "nodeA").symlink_to(digit_shards)
+    bad_shards(per_node / "nodeB")
+    run_dir = tmp_path / "fails"
+    # each node's trainer resolves data.shards with its own SLURMD_NODENAME
+    job_id, started = submit(cluster, "configs/vae_digits.yaml", run_dir, per_node,
+                             f"data.shards={per_node}/${{oc.env:SLURMD_NODENAME,nodeA}}", "data.image_size=32",
+                             "data.channels=1", "trainer.max_steps=50", "trainer.ckpt_every=50")
+    log_path = run_dir / "launch" / f"slurm-{job_id}.out"
+    read = lambda: log_path.read_text() if log_path.exists() else ""  # noqa: E731
+    wait_for(lambda: "on nodeB failed: NoValidSamples: no valid samples" in read(), 300, "nodeB's rank to fail",
+             cluster, run_dir, interval=0.2)
+    failed = time.time()
+    wait_for(lambda: "not requeued" in read() and cluster.state(job_id) in ("", "COMPLETING"), 120,
+             "the job to end", cluster, run_dir, interval=0.2)
+    ended = time.time()
+    time.sleep(3)  # a requeue would show by now
+    job, log = cluster.job(job_id), read()
+    assert job["JobState"] == "FAILED" and job["Restarts"] == "0", (job, log[-4000:])
+    assert job["ExitCode"] != "0:0" and not job["ExitCode"].startswith("75:"), job["ExitCode"]
+    assert cluster.state(job_id) == ""  # not pending again
+    assert "stopping, rank" in log and "requeueing" not in log
+    assert not (run_dir / ".lock").exists()  # released by the rank that held it as it stopped
+    assert ended - failed < 30, f"the job took {ended - failed:.0f} s to end after a rank failed\n{log[-4000:]}"
+    print(f"\n[slurm] job {job_id}: a rank on nodeB failed; the job ended {ended - failed:.1f} s later, "
+          f"ExitCode={job['ExitCode']}, Restarts={job['Restarts']}")
