@@ -57,8 +57,7 @@ def source(shards: Path, rounds: int) -> dict:
     tables = [shard_samples(url) for url in resolve_shards(shards)]
     if not all(isinstance(table, ShardTable) for table in tables):
         return {"skipped": "the bench shards are not indexed as tables"}
-    records = [(record.buf, record.start, record.end)
-               for table in tables for record in table.records(range(len(table)))]
+    records = [(buf, start, end) for table in tables for buf, start, end, *_ in table.records(range(len(table)))]
     encoded = [bytes(buf[start:end]) for buf, start, end in records]
     views = {id(buf): memoryview(buf) for buf, _, _ in records}
     viewed = [(views[id(buf)], start, end) for buf, start, end in records]

@@ -10,7 +10,7 @@ Reading them (shard bytes -> this rank's and worker's samples -> decode -> batch
 - ``data_shards.specs``: ``resolve_shards`` (directory, brace pattern, glob, URL, list ->
   shard URLs) and ``find_manifest``.
 - ``data_shards.tars``: ``read_shard`` and the bulk index of plain local tars (``ShardTable``,
-  whose samples are ``Record``s).
+  whose samples are records: tuples of ``Record``'s fields).
 - ``data_shards.decode``: bytes -> images, labels and points (fast decoders, PIL fallback).
 - ``data_shards.samples``: a raw sample -> (value, label): images, points, or pairs
   (``KEY.src.*`` + ``KEY.tgt.*``).

@@ -18,7 +18,6 @@ import torch
 
 from data_shards.samples import SampleDecoder, decode_direct
 from data_shards.slabs import _WorkerSlabs
-from data_shards.tars import Record
 
 
 def position(pass_index: int, window: int, offset: int, share_all: bool) -> dict:
@@ -112,7 +111,7 @@ class Batcher:
         start_j = j
         while j < n and i < size:
             raw = window[order[j]]
-            if type(raw) is not Record:
+            if type(raw) is not tuple:  # a read_shard dict
                 break
             buf, start, end, label, plain, key, url, _, (image_ext, _) = raw
             if label is None or image_ext is None:

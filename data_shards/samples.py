@@ -1,8 +1,9 @@
 """Raw samples -> (value, label): the stream's per-sample decoders.
 
 A raw sample is a :func:`data_shards.tars.read_shard` dict (``{"__key__", "__url__", ext:
-bytes, ...}``) or a :class:`data_shards.tars.Record` of a shard read as a table. Each
-decoder raises :class:`data_shards.errors.BadSample` for a sample to skip.
+bytes, ...}``) or, for a shard read as a table, its record (a tuple of the fields of
+:class:`data_shards.tars.Record`). Each decoder raises :class:`data_shards.errors.BadSample`
+for a sample to skip.
 
 * :class:`SampleDecoder`: images (``KEY.png``/``KEY.jpg``/...) or points (``KEY.npy``), plus
   the optional ``KEY.cls`` label.
@@ -25,7 +26,7 @@ from data_shards.decode import (
     decode_points,
 )
 from data_shards.errors import MISSING_IMAGE, MISSING_SOURCE, MISSING_TARGET, BadSample
-from data_shards.tars import Record, record_sample
+from data_shards.tars import RECORD_LAYOUT, record_sample
 
 SOURCE_EXTENSIONS = frozenset(f"src.{ext}" for ext in IMAGE_EXTENSIONS)  # a pair's input: KEY.src.png, ...
 TARGET_EXTENSIONS = frozenset(f"tgt.{ext}" for ext in IMAGE_EXTENSIONS)  # a pair's target: KEY.tgt.png, ...
@@ -79,7 +80,7 @@ class SampleDecoder:
         self.kind = kind
         return value, label
 
-    def row(self, record: Record) -> tuple[np.ndarray, int]:
+    def row(self, record: tuple) -> tuple[np.ndarray, int]:
         """What ``self(record_sample(record))`` returns for a ShardTable record, without
         building the sample's dict once the stream's image target is known: from then on
         ``self.kind`` is "image", the payload is the table's image member and the label its
@@ -145,14 +146,14 @@ class PairDecoder:
         source, _ = self.source_side({source_ext[4:]: raw[source_ext]})
         return (target, source), label
 
-    def row(self, record: Record) -> tuple[tuple[np.ndarray, np.ndarray], int]:
+    def row(self, record: tuple) -> tuple[tuple[np.ndarray, np.ndarray], int]:
         return self(record_sample(record))
 
 
-def sample_kind(raw: dict | Record) -> str | None:
+def sample_kind(raw: dict | tuple) -> str | None:
     """"image", "pairs", "points" or None: what kind of stream a raw sample belongs to, by its
     members (an image member first, as SampleDecoder detects it)."""
-    exts = [column[0] for column in raw.layout[1]] if type(raw) is Record else raw
+    exts = [column[0] for column in raw[RECORD_LAYOUT][1]] if type(raw) is tuple else raw
     if any(ext in IMAGE_EXTENSIONS for ext in exts):
         return "image"
     if any(ext in SOURCE_EXTENSIONS or ext in TARGET_EXTENSIONS for ext in exts):

@@ -54,7 +54,7 @@ from data_shards.options import StreamOptions
 from data_shards.samples import PairDecoder, SampleDecoder, sample_kind
 from data_shards.slabs import SlabTransport
 from data_shards.specs import find_manifest, resolve_shards  # noqa: F401
-from data_shards.tars import Record, ShardTable, read_shard, shard_samples  # noqa: F401
+from data_shards.tars import RECORD_KEY, RECORD_URL, ShardTable, read_shard, shard_samples  # noqa: F401
 
 _FROM_LOADER = ("make_loader", "batch_to_float")
 
@@ -238,9 +238,9 @@ class ShardStream(IterableDataset):
                     raw = window[order[j]]
                     j += 1
                     try:
-                        if type(raw) is Record:  # a ShardTable record: no dict, no duplicates
+                        if type(raw) is tuple:  # a ShardTable record: no dict, no duplicates
                             value, label = row(raw)
-                            key, url = raw.key, raw.url
+                            key, url = raw[RECORD_KEY], raw[RECORD_URL]
                         else:
                             if "__duplicates__" in raw:
                                 for _ in range(raw.pop("__duplicates__")):
@@ -257,7 +257,7 @@ class ShardStream(IterableDataset):
             w += 1
 
     def _raw_samples(self, pass_index: int, slot: _Slot, share_all: bool, stats: _PassStats,
-                     count) -> Iterator[dict | Record]:
+                     count) -> Iterator[dict | tuple]:
         """This slot's undecoded samples of one pass, its shards in a seeded order: read_shard's
         dicts, or ShardTable records for shards indexed as tables. A table's records come as
         one list, chained in C: no Python frame resumed per sample."""

@@ -680,6 +680,7 @@ def test_stream_options_are_one_value_passed_through(digits_dir):
     assert ShardStream(digits_dir, options, seed=9).options == StreamOptions(**{**vars(options), "seed": 9})
     for bad, message in [(dict(batch_size=0), "batch_size"), (dict(batch_size=1, rank=2, world_size=2), "rank"),
                          (dict(batch_size=1, channels=2), "channels"), (dict(batch_size=1, kind="video"), "kind"),
-                         (dict(batch_size=1, passes=0), "passes"), (dict(batch_size=1, source_channels=4), "source_channels")]:
+                         (dict(batch_size=1, passes=0), "passes"),
+                         (dict(batch_size=1, source_channels=4), "source_channels")]:
         with pytest.raises(ValueError, match=message):
             ShardStream(digits_dir, **bad)
