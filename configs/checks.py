@@ -75,4 +75,45 @@ def check_gan(cfg: DictConfig) -> None:
         raise ConfigError("loss.augment works on images; the mlp (2-D points) model takes no augmentation")
 
 
-KIND_CHECKS = {"vae": check_vae, "gan": check_gan}
+def check_paired(cfg: DictConfig) -> None:
+    """The paired (image-to-image) run's cross-field rules: scale and sizes the networks can take,
+    loss weights, the lazy R1 interval and the feature loss's network."""
+    m, loss, size = cfg.model, cfg.loss, cfg.data.image_size
+    if m.scale not in (1, 2, 4, 8):
+        raise ConfigError(f"bad value for 'model.scale': {m.scale}; use 1 (translation) or 2, 4, 8 (super-resolution)")
+    if size % m.scale:
+        raise ConfigError(f"data.image_size={size} (the target's side) must be divisible by model.scale={m.scale}")
+    if m.g_channels < 1 or m.d_channels < 1:
+        raise ConfigError("model.g_channels and model.d_channels must be >= 1")
+    if m.arch == "pix2pix":
+        if m.depth < 1 or size % 2 ** m.depth:
+            raise ConfigError(f"model.depth={m.depth}: data.image_size={size} must be divisible by 2**depth "
+                              f"({2 ** max(m.depth, 0)}) and depth >= 1")
+        if not 0.0 <= m.dropout < 1.0:
+            raise ConfigError(f"bad value for 'model.dropout': {m.dropout}; it must be in [0, 1)")
+        if m.d_layers < 1 or size // 2 ** m.d_layers < 3:
+            raise ConfigError(f"model.d_layers={m.d_layers}: the PatchGAN needs >= 1 layer and "
+                              f"data.image_size / 2**d_layers >= 3 (image size {size})")
+    if m.arch == "esrgan":
+        if m.num_blocks < 1 or m.growth_channels < 1:
+            raise ConfigError("model.num_blocks and model.growth_channels must be >= 1")
+        if loss.adv_weight > 0 and (size < 8 or size & (size - 1)):
+            raise ConfigError(f"the esrgan discriminator needs data.image_size = 4 x a power of two (8, 16, 32, 64, "
+                              f"128 ...), got {size}")
+    if min(loss.l1_weight, loss.adv_weight, loss.feature_weight, loss.r1_gamma) < 0 or loss.adv_start_step < 0:
+        raise ConfigError("loss.l1_weight, adv_weight, feature_weight, r1_gamma and adv_start_step must be >= 0")
+    if loss.l1_weight + loss.adv_weight + loss.feature_weight <= 0:
+        raise ConfigError("loss.l1_weight, loss.adv_weight and loss.feature_weight are all 0: nothing to train")
+    if loss.r1_every < 1:
+        raise ConfigError(f"bad value for 'loss.r1_every': {loss.r1_every}; it must be >= 1")
+    if loss.feature_weight > 0 and not str(loss.feature_net).strip():
+        raise ConfigError("loss.feature_weight > 0 needs loss.feature_net: inception:PATH, domain:PATH or random")
+    if not 0.0 <= cfg.optim.lr_decay_start <= 1.0 or cfg.optim.lr_decay_final < 0:
+        raise ConfigError("optim.lr_decay_start must be in [0, 1] and optim.lr_decay_final >= 0")
+    metrics = cfg.get("metrics")
+    if metrics is not None and metrics.get("every_kimg", 0) > 0:
+        raise ConfigError("metrics.every_kimg: in-training sample quality is not measured for paired runs; "
+                          "judge them with `python -m bench.translate` (held-out pairs)")
+
+
+KIND_CHECKS = {"vae": check_vae, "gan": check_gan, "paired": check_paired}

@@ -163,6 +163,13 @@ def validate(cfg: DictConfig) -> None:
     shards = cfg.data.shards
     if not isinstance(shards, (str, ListConfig)) or (isinstance(shards, ListConfig) and not len(shards)):
         raise ConfigError("bad value for 'data.shards': give a directory, a brace pattern or a non-empty list")
+    metrics = cfg.get("metrics")
+    if metrics is not None and metrics.every_kimg:
+        if metrics.every_kimg < 0 or metrics.num_samples < 10:
+            raise ConfigError("metrics.every_kimg must be >= 0 and metrics.num_samples >= 10")
+        if cfg.kind == "gan" and cfg.model.arch == "mlp":
+            raise ConfigError("metrics.every_kimg: image metrics need images; 2-D point sets are judged by "
+                              "diagnostics.* and `python -m bench.gan_modes`")
     if cfg.kind in KIND_CHECKS:
         KIND_CHECKS[cfg.kind](cfg)
 

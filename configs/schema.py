@@ -289,7 +289,82 @@ class GANConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
-SCHEMAS = {"vae": VAEConfig, "gan": GANConfig}
+@dataclass
+class PairedModelConfig:
+    arch: str = "pix2pix"
+    """pix2pix (U-Net generator, PatchGAN discriminator on concat(input, image); Isola et al. 2017) or
+    esrgan (residual-in-residual dense block generator, VGG-style discriminator; Wang et al. 2018)."""
+    scale: int = 1
+    """Target side / input side: 1 (translation, e.g. edges -> photo) or 2, 4, 8 (super-resolution);
+    the shards' inputs must be this much smaller than their targets."""
+    g_channels: int = 64
+    """Generator width (pix2pix: the U-Net's first level, doubling to 8x; esrgan: every RRDB's)."""
+    d_channels: int = 64
+    """Discriminator width (first layer; doubling per stage, capped at 8x)."""
+    d_condition: bool = True
+    """The discriminator sees the input (resized nearest to the target's size) beside the image, as
+    pix2pix's does; false: the image alone, as ESRGAN's."""
+    depth: int = 5
+    """pix2pix: U-Net levels (stride-2 convs); data.image_size must be divisible by 2**depth."""
+    dropout: float = 0.0
+    """pix2pix: dropout in the 3 innermost decoder levels (the paper's 0.5 is its noise source)."""
+    d_layers: int = 3
+    """pix2pix: stride-2 layers of the PatchGAN (3: 70x70 patches; 2: 34x34)."""
+    num_blocks: int = 23
+    """esrgan: residual-in-residual dense blocks (23 in ESRGAN)."""
+    growth_channels: int = 32
+    """esrgan: growth channels of each dense block's convs."""
+    upsample: str = "nearest"
+    """esrgan: nearest (nearest x2 + conv, ESRGAN) or pixelshuffle (conv to 4x channels + sub-pixel shuffle)."""
+    global_skip: bool = True
+    """esrgan: output = bicubic(input) + the network's residual (starts as bicubic upsampling)."""
+
+
+@dataclass
+class PairedLossConfig:
+    l1_weight: float = 100.0
+    """Weight of the pixel loss, mean |G(x) - y| over pixels in [-1, 1] (pix2pix: 100 beside adv 1)."""
+    adv_weight: float = 1.0
+    """Weight of the adversarial term in G's loss. 0 is the pixel-only baseline: no discriminator
+    is built, trained or checkpointed (resuming such a run with adv_weight > 0 starts D fresh)."""
+    adv_loss: str = "nonsaturating"
+    """nonsaturating (pix2pix), hinge, or relativistic (relativistic average GAN, ESRGAN: D judges
+    whether real is more realistic than the average fake and vice versa; G gets both terms)."""
+    adv_start_step: int = 0
+    """Steps of pixel-only training before D trains and the adversarial term enters G's loss
+    (ESRGAN starts its GAN from a PSNR-trained generator)."""
+    r1_gamma: float = 0.0
+    """R1 weight: gamma/2 * E||grad_image D(image, input)||^2 on real pairs (0 turns it off); fp32."""
+    r1_every: int = 16
+    """Lazy R1: every k-th step, scaled by k; D's Adam gets StyleGAN2's lr*c, beta**c, c = k/(k+1)."""
+    lazy_compensation: bool = True
+    """Apply that lr/beta compensation (only when r1_every > 1 and r1_gamma > 0)."""
+    feature_weight: float = 0.0
+    """Weight of a feature (perceptual) loss: mean |f(G(x)) - f(y)| under feature_net (0: off).
+    VGG weights cannot be downloaded here; give a network file instead."""
+    feature_net: str = ""
+    """The feature network of that loss: inception:PATH (the FID InceptionV3 file), domain:PATH
+    (a classifier fitted by trainers.judge.extractors) or random (trainers.judge.extractors)."""
+    ema_halflife_kimg: float = 2.0
+    """Half-life of the generator EMA in thousands of images (0 turns EMA off); translate uses the EMA."""
+    ema_rampup: float = 0.05
+    """EMA half-life ramp-up as a fraction of images seen (StyleGAN2-ADA); 0 turns it off."""
+
+
+@dataclass
+class PairedConfig:
+    kind: str = "paired"
+    """Which trainer runs this config: paired image-to-image (pix2pix, super-resolution)."""
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(shards="data/sr4_photos", batch_size=16))
+    model: PairedModelConfig = field(default_factory=PairedModelConfig)
+    loss: PairedLossConfig = field(default_factory=PairedLossConfig)
+    optim: GANOptimConfig = field(default_factory=GANOptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+SCHEMAS = {"vae": VAEConfig, "gan": GANConfig, "paired": PairedConfig}
 
 # Allowed values of string-valued options, checked after merging (OmegaConf types only say `str`).
 CHOICES = {
@@ -307,4 +382,6 @@ CHOICES = {
 KIND_CHOICES = {
     "vae": {"model.arch": ("conv", "autoencoder_kl")},
     "gan": {"model.arch": ("dcgan", "mlp"), "optim.lr_decay": ("none", "linear", "cosine")},
+    "paired": {"model.arch": ("pix2pix", "esrgan"), "model.upsample": ("nearest", "pixelshuffle"),
+               "loss.adv_loss": ("nonsaturating", "hinge", "relativistic"), "optim.lr_decay": ("none", "linear", "cosine")},
 }

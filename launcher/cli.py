@@ -322,6 +322,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_translate(args) -> int:
+    from trainers.judge.translate import translate_path
+
+    written, scale = translate_path(args.run_dir, args.inp, args.out, tile=args.tile, overlap=args.overlap,
+                                    progress=not args.quiet)
+    print(f"wrote {len(written)} image(s) to {args.out} ({scale}x)")
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gentrain", description="Train VAEs and GANs on sharded images with DeepSpeed.",
@@ -429,6 +438,16 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--max-samples", type=int, default=None, help="VAE: measure the scaling factor on at most N")
     export.set_defaults(func=cmd_export)
 
+    translate = sub.add_parser("translate", help="apply a paired run (super-resolution, edges -> photo) to images")
+    translate.add_argument("run_dir")
+    translate.add_argument("--in", dest="inp", required=True, help="a PNG/JPEG file or a directory of them")
+    translate.add_argument("--out", required=True, help="output directory (file names and formats kept)")
+    translate.add_argument("--tile", type=int, default=256,
+                           help="larger images run in tiles of this many input pixels a side (default 256)")
+    translate.add_argument("--overlap", type=int, default=None, help="tile overlap in input pixels (default tile/4)")
+    translate.add_argument("--quiet", action="store_true", help="no progress bar")
+    translate.set_defaults(func=cmd_translate)
+
     evaluate = sub.add_parser("evaluate", help="VAE: ELBO, importance-weighted NLL bound, AU, MI; GAN: class coverage")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--shards", default=None, help="held-out shards (default: the run's data.shards)")
@@ -464,7 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError, FileNotFoundError, NoValidSamples) as err:
         return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except ValueError as err:  # builders raise ValueError for bad sources / sizes
-        if getattr(args, "command", None) in ("shards", "sample", "export", "evaluate", "anomaly", "encode"):
+        if getattr(args, "command", None) in ("shards", "sample", "export", "evaluate", "anomaly", "encode",
+                                              "translate"):
             return _fail(str(err).splitlines()[0])
         raise
 

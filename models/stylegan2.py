@@ -116,7 +116,8 @@ class SynthesisLayer(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, w_dim: int, resolution: int, up: bool = False):
         super().__init__()
         self.conv = ModulatedConv2d(in_ch, out_ch, 3, w_dim, up=up)
-        self.noise_strength = nn.Parameter(torch.zeros([]))
+        # shape (1,), not (): DeepSpeed broadcasts parameters as bytes, which a 0-d bf16 tensor cannot be viewed as
+        self.noise_strength = nn.Parameter(torch.zeros([1]))
         self.bias = nn.Parameter(torch.zeros(out_ch))
         self.register_buffer("noise_const", torch.randn(resolution, resolution))
 

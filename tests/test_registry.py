@@ -9,7 +9,7 @@ from configs.load import fill_from_manifest
 from configs.schema import KIND_CHOICES, SCHEMAS
 from trainers.tasks import TASKS, Task
 
-FAMILY_OF_KIND = {"vae": "vae", "gan": "gan"}
+FAMILY_OF_KIND = {"vae": "vae", "gan": "gan", "paired": "paired"}
 
 
 def test_every_config_kind_has_a_task_and_every_task_a_schema():
@@ -48,8 +48,8 @@ def test_registering_an_arch_twice_is_refused():
 @pytest.mark.parametrize("kind", sorted(TASKS))
 def test_task_classes_declare_the_contract(kind):
     """The loop reads these without probing: every task class must carry them."""
-    module = {"vae": "trainers.vae.task", "gan": "trainers.gan.task"}[kind]
-    cls = getattr(__import__(module, fromlist=["x"]), {"vae": "VAETask", "gan": "GANTask"}[kind])
+    module = {"vae": "trainers.vae.task", "gan": "trainers.gan.task", "paired": "trainers.paired.task"}[kind]
+    cls = getattr(__import__(module, fromlist=["x"]), {"vae": "VAETask", "gan": "GANTask", "paired": "PairedTask"}[kind])
     for name in ("train_step", "samples", "state", "load_state", "weights"):
         assert callable(getattr(cls, name, None)), (kind, name)
     assert isinstance(cls.progress_keys, tuple) and cls.progress_keys

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from configs import to_yaml
 from data_shards.stream import resolve_shards
+from trainers.judge.live import LiveMetrics
 from trainers.runtime.checkpoint import Checkpointer
 from trainers.runtime.clock import Clock
 from trainers.runtime.data_feed import DataFeed
@@ -47,7 +48,9 @@ def train(cfg: DictConfig) -> int:
             run.record(scalars)
             step, last = run.clock.step, run.clock.step == trainer.max_steps
 
-            if step % trainer.log_every == 0 or last:
+            measured = run.live is not None and run.live.due(run.clock, last)
+            best = run.measure_quality() if measured else False
+            if step % trainer.log_every == 0 or last or measured:
                 run.log_scalars()
             if step % trainer.sample_every == 0 or last:
                 run.write_samples()
@@ -55,8 +58,8 @@ def train(cfg: DictConfig) -> int:
                 run.roll_back()
                 continue
             preempted = any_rank(run.stop.requested, run.dist.device)
-            if step % trainer.ckpt_every == 0 or last or preempted:
-                run.checkpoint()
+            if step % trainer.ckpt_every == 0 or last or preempted or best:
+                run.checkpoint(best)
             if preempted:
                 exit_code = run.stop_for_requeue()
                 break
@@ -89,6 +92,9 @@ class Run:
         self.shards = resolve_shards(cfg.data.shards)
         self.data = DataFeed(cfg, self.shards, dist_info, self.clock.step, data_state)
         self.logger = RunLogger(cfg, self.dir, enabled=dist_info.is_main, start_step=self.clock.step)
+        self.live = LiveMetrics(cfg, dist_info, self.dir, self.checkpointer.best_record()) \
+            if cfg.metrics.every_kimg > 0 else None
+        self.quality: dict[str, float] = {}  # the last measurement, until it is logged
         self.stop = StopRequest()
         self.fault = NonFiniteFault()
         self.meter, self.skipped = Meter(), Counter()
@@ -123,6 +129,8 @@ class Run:
         means["samples_per_sec"] = self.steps_since_log * self.clock.images_per_step / max(elapsed, 1e-9)
         means["images_seen"] = self.clock.images_seen
         means.update({f"data/skipped_{k}": v for k, v in self.skipped.items()})
+        means.update(self.quality)
+        self.quality = {}
         self.logger.log(self.clock.step, means)
         self.raise_alerts(means)
         shown = {k: f"{v:.3g}" for k, v in means.items() if k in self.task.progress_keys}
@@ -142,15 +150,23 @@ class Run:
             for name, grid in self.task.samples().items():
                 self.logger.log_image(self.clock.step, name, grid)
 
-    def checkpoint(self) -> None:
-        """All ranks write the checkpoint, unless some weights are non-finite (then none does)."""
+    def measure_quality(self) -> bool:
+        """FD, KID, precision/recall, density/coverage of samples now; True if a new best."""
+        self.quality, best = self.live.measure(self.task, self.clock)  # logged with this step's scalars
+        return best
+
+    def checkpoint(self, best: bool = False) -> None:
+        """All ranks write the checkpoint, unless some weights are non-finite (then none does);
+        `best`: it also becomes checkpoints/best."""
         if not weights_finite(self.dist.device, [e.module for e in self.task.engines.values()]):
             self.say(f"step {self.clock.step}: non-finite weights, checkpoint NOT written")
             return
         meta = {"kind": self.cfg.kind, "precision": self.precision, "config": to_yaml(self.cfg),
                 "wandb_id": self.logger.run_id}
-        self.checkpointer.save(self.clock.step, self.task.engines, rank_state(self.task, self.clock, self.data),
-                               self.task.weights(), meta)
+        path = self.checkpointer.save(self.clock.step, self.task.engines, rank_state(self.task, self.clock, self.data),
+                                      self.task.weights(), meta)
+        if best:
+            self.checkpointer.keep_as_best(path, self.live.best_record(self.clock.step))
         self.rollbacks_in_row = 0
 
     def roll_back(self) -> None:

@@ -55,10 +55,16 @@ def _gan(cfg, dist_info, precision):
     return GANTask(cfg, dist_info, precision)
 
 
+def _paired(cfg, dist_info, precision):
+    from trainers.paired.task import PairedTask
+    return PairedTask(cfg, dist_info, precision)
+
+
 # kind (the config's top-level `kind`) -> constructor. Imported on use, so a run pays only for its own kind.
 TASKS = {
     "vae": _vae,
     "gan": _gan,
+    "paired": _paired,
 }
 
 

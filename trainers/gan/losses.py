@@ -6,6 +6,11 @@ Losses take logits (any dtype) and return fp32 scalars:
     nonsaturating  softplus(-D(x)) + softplus(D(G(z)))   softplus(-D(G(z)))
     hinge          relu(1 - D(x)) + relu(1 + D(G(z)))    -D(G(z))
     wasserstein    D(G(z)) - D(x)                        -D(G(z))
+    relativistic   softplus(D(G(z)) - D(x))              softplus(D(x) - D(G(z)))
+
+The relativistic pairing loss (RpGAN; Jolicoeur-Martineau 2019, R3GAN: Huang et al. 2024) pairs
+each real sample with one generated sample; its generator loss also reads D on real data
+(RELATIVISTIC_G_LOSSES take (fake_logits, real_logits)).
 
 Penalties (R1 on real data, R2 on generated data, WGAN-GP on interpolates) evaluate the
 discriminator on fp32 copies of its parameters, so the input gradient and its square are exact
@@ -19,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-LOSSES = ("nonsaturating", "hinge", "wasserstein")
+LOSSES = ("nonsaturating", "hinge", "wasserstein", "relativistic")
 
 
 def d_loss_nonsaturating(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
@@ -47,7 +52,19 @@ def g_loss_linear(fake_logits: torch.Tensor) -> torch.Tensor:
     return -fake_logits.float().mean()
 
 
-D_LOSSES = {"nonsaturating": d_loss_nonsaturating, "hinge": d_loss_hinge, "wasserstein": d_loss_wasserstein}
+def d_loss_relativistic(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """RpGAN discriminator loss: softplus(-(D(x) - D(G(z)))), real and generated samples paired."""
+    return F.softplus(fake_logits.float() - real_logits.float()).mean()
+
+
+def g_loss_relativistic(fake_logits: torch.Tensor, real_logits: torch.Tensor) -> torch.Tensor:
+    """RpGAN generator loss: softplus(-(D(G(z)) - D(x))); D(x) is a constant for G."""
+    return F.softplus(real_logits.float().detach() - fake_logits.float()).mean()
+
+
+D_LOSSES = {"nonsaturating": d_loss_nonsaturating, "hinge": d_loss_hinge, "wasserstein": d_loss_wasserstein,
+            "relativistic": d_loss_relativistic}
+RELATIVISTIC_G_LOSSES = {"relativistic": g_loss_relativistic}
 G_LOSSES = {"nonsaturating": g_loss_nonsaturating, "hinge": g_loss_linear, "wasserstein": g_loss_linear}
 
 

@@ -36,11 +36,13 @@ import models
 from trainers.gan.augment import diff_augment, parse_ops
 from trainers.runtime.clock import Clock
 from trainers.runtime.distributed import DistInfo, all_reduce_mean
+from trainers.gan.ada import AdaptiveAugment, sign_stats
 from trainers.gan.ema import EMA
+from trainers.gan.path_length import path_length_penalty
 from trainers.runtime.engines import make_engine, module_dtype, step_with_grad_norm
 from trainers.gan.diagnostics import (COVERAGE_KEYS, CollapseMonitor, coverage_kind, diversity,
                                       images_to_uint8_nchw, make_coverage_scorer)
-from trainers.gan.losses import (D_LOSSES, G_LOSSES, lazy_adam_compensation, r1_penalty, r2_penalty,
+from trainers.gan.losses import (D_LOSSES, G_LOSSES, RELATIVISTIC_G_LOSSES, lazy_adam_compensation, r1_penalty, r2_penalty,
                                  wgan_gp_penalty)
 from trainers.runtime.guard import all_finite
 from trainers.runtime.images import make_grid, scatter_plot, to_uint8
@@ -117,7 +119,9 @@ class GANTask:
         self.engines = {"g": self.g, "d": self.d}
         self.base_lr = {"g": float(cfg.optim.g.lr), "d": float(d_optim.lr)}
         self.g_dtype, self.d_dtype = module_dtype(self.g.module), module_dtype(self.d.module)
-        self.d_loss_fn, self.g_loss_fn = D_LOSSES[cfg.loss.loss], G_LOSSES[cfg.loss.loss]
+        self.d_loss_fn = D_LOSSES[cfg.loss.loss]
+        self.g_loss_fn = G_LOSSES.get(cfg.loss.loss)  # None: relativistic (G's loss reads D on real data too)
+        self.g_rel_loss_fn = RELATIVISTIC_G_LOSSES.get(cfg.loss.loss)
         self.ema = EMA(self.g.module, cfg.loss.ema_halflife_kimg, cfg.loss.ema_rampup) \
             if cfg.loss.ema_halflife_kimg > 0 else None
         self.noise = torch.Generator(device=dist_info.device).manual_seed(cfg.run.seed * 1000 + dist_info.rank)
@@ -130,9 +134,15 @@ class GANTask:
         self._scorer = None  # fitted on rank 0 at the first diagnostic
         self.monitor = CollapseMonitor(diag.alert_min_coverage, diag.alert_min_diversity, diag.alert_after_steps,
                                        diag.alert_patience, dist_info.is_main)
+        loss = cfg.loss
+        self.ada = AdaptiveAugment(loss.ada_target, loss.ada_kimg, loss.ada_interval) if loss.ada_target > 0 else None
+        self._signs = None  # this step's [sum of sign(D(real)), count], for ADA
+        self.pl_mean = torch.zeros((), device=dist_info.device)  # path length's running mean (StyleGAN2)
         self.phases = [
             Phase("D", self.d_phase),
+            Phase("ADA", self.ada_phase, every=1 if self.ada is not None else 0),
             Phase("G", self.g_phase),
+            Phase("G path length", self.g_path_length_phase, every=loss.pl_every if loss.pl_weight > 0 else 0),
             Phase("EMA", self.ema_phase),
             Phase("diagnostics", self.diagnostics_phase, every=diag.every),
         ]
@@ -153,6 +163,7 @@ class GANTask:
 
         Each is one backward over real + fake (+ the lazy penalties on the first): ZeRO-2 allows one."""
         loss_cfg, metrics = self.cfg.loss, state.metrics
+        self._signs = None
         regularise = penalties_on(loss_cfg) and state.clock.on_every(loss_cfg.r1_every)
         sums = {"d_loss": 0.0, "d_real_logit": 0.0, "d_fake_logit": 0.0, "d_rt": 0.0}
         chunks = state.real.chunk(loss_cfg.d_steps)
@@ -179,6 +190,9 @@ class GANTask:
         both = torch.cat([real_in, fake_in]).to(self.d_dtype)
         logits = (self.d(both) if labels is None else self.d(both, torch.cat([labels, fake_labels]))).float()
         real_logits, fake_logits = logits[:m], logits[m:]
+        if self.ada is not None:
+            signs = sign_stats(real_logits)
+            self._signs = signs if self._signs is None else self._signs + signs
         d_loss = self.d_loss_fn(real_logits, fake_logits)
         total, values = d_loss, {}
         if poison:  # a real NaN through the real guard
@@ -207,7 +221,13 @@ class GANTask:
             n = state.real.shape[0]
             z, fake_labels = self._z(n), self._fake_labels(n)
             fake = self.g(*self._g_args(z, fake_labels))
-            g_loss = self.g_loss_fn(self.d.module(*self._d_args(self._aug(fake.float()), fake_labels)))
+            fake_logits = self.d.module(*self._d_args(self._aug(fake.float()), fake_labels))
+            if self.g_rel_loss_fn is None:
+                g_loss = self.g_loss_fn(fake_logits)
+            else:
+                with torch.no_grad():
+                    real_logits = self.d.module(*self._d_args(self._aug(state.real), state.labels))
+                g_loss = self.g_rel_loss_fn(fake_logits, real_logits)
             g_ok = all_finite(self.dist.device, g_loss)
             if g_ok:
                 self.g.backward(g_loss)
@@ -221,6 +241,36 @@ class GANTask:
         state.metrics["g_loss"] = g_loss.item()
         if g_norm is not None:
             state.metrics["grad_norm_g"] = g_norm
+        return True
+
+    def ada_phase(self, state: _StepState) -> bool:
+        """ADA's controller: every rank adds this step's all-reduced sign(D(real)); p moves every
+        loss.ada_interval steps toward r_t = loss.ada_target."""
+        signs, self._signs = self._signs, None
+        if self.dist.world_size > 1:
+            dist.all_reduce(signs)
+        self.ada.accumulate(float(signs[0]), float(signs[1]), images=state.clock.images_per_step)
+        state.metrics["ada/p"] = self.ada.p
+        if self.ada.rt is not None:
+            state.metrics["ada/rt"] = self.ada.rt
+        return True
+
+    def g_path_length_phase(self, state: _StepState) -> bool:
+        """StyleGAN2's lazy path-length regularisation: its own G update on half the batch, scaled
+        by the interval; a non-finite penalty skips it (counted)."""
+        loss = self.cfg.loss
+        n = max(1, state.real.shape[0] // 2)
+        z, labels = self._z(n), self._fake_labels(n)
+        penalty, new_mean = path_length_penalty(self.g.module, *self._g_args(z, labels), self.pl_mean,
+                                                generator=self.noise)
+        if not all_finite(self.dist.device, penalty):
+            state.metrics["nonfinite_skipped"] = 1.0
+            return True
+        self.g.backward(penalty * (loss.pl_weight * loss.pl_every))
+        self.g.step()
+        self.pl_mean = torch.tensor(all_reduce_mean({"m": float(new_mean)}, self.dist.device)["m"],
+                                    device=self.dist.device)  # every rank keeps the same mean
+        state.metrics["pl_penalty"] = penalty.item()
         return True
 
     def ema_phase(self, state: _StepState) -> bool:
@@ -260,6 +310,9 @@ class GANTask:
         return batch_to_float(batch["image"].to(self.dist.device, non_blocking=True))
 
     def _aug(self, x: torch.Tensor) -> torch.Tensor:
+        """Every image D sees: ADA's pipeline at its current p, or DiffAugment's fixed ops, or none."""
+        if self.ada is not None:
+            return self.ada(x, self.noise)
         return diff_augment(x, self.augment_ops, self.noise) if self.augment_ops else x
 
     def _d_penalties(self, real: torch.Tensor, fake: torch.Tensor, real_labels: torch.Tensor | None,
@@ -322,6 +375,15 @@ class GANTask:
         x = torch.cat(outs)
         return images_to_uint8_nchw(x) if m_is_image(self.cfg) else x.cpu().numpy()
 
+    @torch.no_grad()
+    def generate(self, n: int, seed: int) -> np.ndarray:
+        """n samples of the sampler as uint8 NCHW images, every class equally often (metrics)."""
+        gen = torch.Generator(device=self.dist.device).manual_seed(seed)
+        z = torch.randn(n, self.cfg.model.z_dim, generator=gen, device=self.dist.device)
+        labels = torch.arange(n, device=self.dist.device) % self.num_classes if self.num_classes else None
+        return np.concatenate([images_to_uint8_nchw(self.sampler(*generator_args(
+            self.sampler, z[i:i + 250], None if labels is None else labels[i:i + 250]))) for i in range(0, n, 250)])
+
     @property
     def sampler(self) -> torch.nn.Module:
         """The generator used for samples: the EMA where there is one."""
@@ -335,10 +397,17 @@ class GANTask:
         return {"samples": make_grid(to_uint8(out), nrow=8)}
 
     def state(self) -> dict:
-        return {"noise": self.noise.get_state()}
+        out = {"noise": self.noise.get_state(), "pl_mean": self.pl_mean.cpu()}
+        if self.ada is not None:
+            out["ada"] = self.ada.state()
+        return out
 
     def load_state(self, state: dict, weights: dict[str, torch.Tensor]) -> None:
         self.noise.set_state(state["noise"])
+        if "pl_mean" in state:
+            self.pl_mean = state["pl_mean"].to(self.dist.device)
+        if self.ada is not None and "ada" in state:
+            self.ada.load_state(state["ada"])
         if self.ema is not None:
             self.ema.module.load_state_dict({k[len("g_ema."):]: v for k, v in weights.items() if k.startswith("g_ema.")})
 

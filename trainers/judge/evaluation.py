@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from data_shards.build import parse_labels  # noqa: F401 - the CLI's anomaly command reads it from here
-from data_shards.stream import ShardStream
+from data_shards.stream import ShardStream, find_manifest
 from trainers.judge.inference import load_sampler, sample_to_npz
 from trainers.vae.task import decoder_link, log_scale_of
 from trainers.vae.objective import (LIKELIHOODS, active_units, decoder_mean, kl_per_dim, log_normal,
@@ -66,28 +66,35 @@ def vae_scores(run_dir, shards, k: int = 64, seed: int = 0):
     return cfg, out, torch.cat(means), torch.cat(logvars)
 
 
-def evaluate(run_dir, shards, out, k: int = 64, num_samples: int = 5000, seed: int = 0) -> dict:
-    """Write metrics.json: for a VAE its ELBO, IW bound, reconstruction error, active units and MI;
-    for a GAN the class coverage of its samples (labelled image shards) and diversity."""
+def evaluate(run_dir, shards, out, k: int = 64, num_samples: int = 5000, seed: int = 0,
+             metrics=("fd", "kid", "pr", "dc"), extractor: str = "random", coverage: bool = True) -> dict:
+    """Write metrics.json: sample quality against the shards (FD, KID, precision/recall,
+    density/coverage in the named extractor's features, `num_samples` images a side:
+    trainers.judge.quality); for a VAE also its ELBO, IW bound, reconstruction PSNR/SSIM/FD,
+    active units and MI; for a GAN on labelled shards the class coverage of its samples."""
+    from trainers.judge.quality import evaluate_quality
+
     _, cfg = load_sampler(run_dir)
+    result = evaluate_quality(run_dir, shards, metrics, extractor, num_samples, seed) \
+        if metrics and not (cfg.kind == "gan" and cfg.model.arch == "mlp") else {}
     if cfg.kind == "vae":
         cfg, scores, means, logvars = vae_scores(run_dir, shards, k=k, seed=seed)
         dims = cfg.data.channels * cfg.data.image_size**2
-        metrics = {"num_samples": int(len(scores["key"])), "likelihood": cfg.loss.likelihood,
-                   "neg_elbo": float(scores["neg_elbo"].mean()), f"iw_nll_k{k}": float(scores["iw_nll"].mean()),
-                   "recon_nll": float(scores["recon_nll"].mean()), "kl": float(scores["kl"].mean()),
-                   "recon_mse": float(scores["recon_mse"].mean()), "active_units": active_units(means),
-                   "latent_dim": int(means.shape[1]),
-                   "mutual_info": mutual_information(means[:1000], logvars[:1000], torch.Generator().manual_seed(seed))}
+        result.update({"num_samples": int(len(scores["key"])), "likelihood": cfg.loss.likelihood,
+                       "neg_elbo": float(scores["neg_elbo"].mean()), f"iw_nll_k{k}": float(scores["iw_nll"].mean()),
+                       "recon_nll": float(scores["recon_nll"].mean()), "kl": float(scores["kl"].mean()),
+                       "recon_mse": float(scores["recon_mse"].mean()), "active_units": active_units(means),
+                       "latent_dim": int(means.shape[1]),
+                       "mutual_info": mutual_information(means[:1000], logvars[:1000], torch.Generator().manual_seed(seed))})
         if cfg.loss.likelihood in LIKELIHOODS:
-            metrics["neg_elbo_nats_per_dim"] = metrics["neg_elbo"] / dims
-            metrics[f"iw_nll_k{k}_nats_per_dim"] = metrics[f"iw_nll_k{k}"] / dims
-    else:
-        metrics = gan_coverage(run_dir, shards, cfg, num_samples, seed)
+            result["neg_elbo_nats_per_dim"] = result["neg_elbo"] / dims
+            result[f"iw_nll_k{k}_nats_per_dim"] = result[f"iw_nll_k{k}"] / dims
+    elif coverage and cfg.model.arch != "mlp" and (find_manifest(shards) or {}).get("num_classes"):
+        result.update(gan_coverage(run_dir, shards, cfg, num_samples, seed))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"run_dir": str(run_dir), "shards": str(shards), **metrics}, indent=2))
-    return metrics
+    out.write_text(json.dumps({"run_dir": str(run_dir), "shards": str(shards), **result}, indent=2))
+    return result
 
 
 def gan_coverage(run_dir, shards, cfg, num_samples: int, seed: int) -> dict:

@@ -63,12 +63,11 @@ def load_sampler(run_dir: str | Path) -> tuple[torch.nn.Module, object]:
 
 
 @torch.no_grad()
-def sample_to_npz(run_dir: str | Path, n: int, out: str | Path, seed: int = 0, batch: int = 500,
-                  class_index: int | None = None) -> Path:
-    """Write `images` (uint8, N,H,W,C) or `points` (float32, N,2) to an .npz file.
+def generate(run_dir: str | Path, n: int, seed: int = 0, batch: int = 500, class_index: int | None = None):
+    """(samples, labels) from a run's sampler: images uint8 (N,H,W,C) or points float32 (N,2).
 
     A class-conditional GAN samples `class_index` only, or every class equally often (then
-    `labels` holds each sample's class)."""
+    `labels` holds each sample's class; None for unconditional runs)."""
     if n <= 0:
         raise ConfigError(f"--n must be > 0, got {n}")
     net, cfg = load_sampler(run_dir)
@@ -90,14 +89,21 @@ def sample_to_npz(run_dir: str | Path, n: int, out: str | Path, seed: int = 0, b
             z = torch.randn(m, cfg.model.z_dim, generator=gen)
             chunks.append(net(z) if labels is None else net(z, labels[start:start + m]))
     x = torch.cat(chunks)
+    if x.dim() == 2:
+        return x.numpy().astype(np.float32), labels
+    images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return images, None if labels is None else labels.numpy()
+
+
+def sample_to_npz(run_dir: str | Path, n: int, out: str | Path, seed: int = 0, batch: int = 500,
+                  class_index: int | None = None) -> Path:
+    """Write `images` (uint8, N,H,W,C) or `points` (float32, N,2) to an .npz file (and `labels`
+    for a class-conditional GAN); see `generate`."""
+    samples, labels = generate(run_dir, n, seed, batch, class_index)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    if x.dim() == 2:
-        np.savez_compressed(out, points=x.numpy().astype(np.float32))
-    else:
-        images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        extra = {"labels": labels.numpy()} if labels is not None else {}
-        np.savez_compressed(out, images=images, **extra)
+    extra = {"labels": labels} if labels is not None else {}
+    np.savez_compressed(out, **{"points" if samples.ndim == 2 else "images": samples}, **extra)
     return out
 
 

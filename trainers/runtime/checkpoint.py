@@ -8,6 +8,8 @@ Layout of one checkpoint, `checkpoints/step-0000500/`:
                                 directory without it, or whose files no longer match it, is
                                 never loaded (the previous checkpoint is used instead)
 `checkpoints/latest` names the newest complete one; it moves only after COMPLETE exists.
+`checkpoints/best/` (with `BEST.json`: step, metric, value) is a hard-linked copy of the checkpoint
+that scored best during training (trainers.judge.live); keep-k pruning never removes it.
 A checkpoint is written under `step-0000500.partial/` and renamed when every rank is done, so a
 process killed mid-save leaves the previous checkpoint as the newest complete one.
 """
@@ -27,6 +29,9 @@ from trainers.runtime.distributed import DistInfo, any_rank, barrier
 
 COMPLETE = "COMPLETE"
 DS_TAG = "state"
+
+
+BEST, BEST_RECORD = "best", "BEST.json"
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -91,6 +96,31 @@ class Checkpointer:
             self._prune()
         barrier()
         return final
+
+    def keep_as_best(self, path: Path, record: dict) -> Path | None:
+        """Make `path` (a complete checkpoint) `checkpoints/best`, replacing the previous best.
+
+        Hard links, not copies: checkpoint files are never changed in place, and a link outlives
+        the pruning of its step directory. Rank 0 does the work; every rank calls it."""
+        best = self.root / BEST
+        if self.dist.is_main:
+            staging = self.root / f"{BEST}.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(path, staging, copy_function=os.link)
+            (staging / BEST_RECORD).write_text(json.dumps({**record, "source": path.name}, indent=1))
+            old = self.root / f"{BEST}.old"
+            shutil.rmtree(old, ignore_errors=True)
+            if best.exists():
+                os.replace(best, old)
+            os.replace(staging, best)
+            shutil.rmtree(old, ignore_errors=True)
+        barrier()
+        return best
+
+    def best_record(self) -> dict | None:
+        """BEST.json of `checkpoints/best`, if there is one."""
+        record = self.root / BEST / BEST_RECORD
+        return json.loads(record.read_text()) if record.is_file() else None
 
     def _prune(self) -> None:
         for old in self.complete_checkpoints()[:-self.keep]:

@@ -176,6 +176,15 @@ class VAETask:
         return grids, frames
 
     @torch.no_grad()
+    def generate(self, n: int, seed: int) -> np.ndarray:
+        """n prior samples (decoder means) as uint8 NCHW images (metrics)."""
+        vae = self.engine.module
+        gen = torch.Generator(device=self.dist.device).manual_seed(seed)
+        z = torch.randn(n, vae.latent_dim, generator=gen, device=self.dist.device)
+        out = [to_pixels(vae.decode(z[i:i + 250].to(self.dtype)), self.link).float().clamp(0, 1) for i in range(0, n, 250)]
+        return (torch.cat(out) * 255).round().to(torch.uint8).cpu().numpy()
+
+    @torch.no_grad()
     def samples(self) -> dict[str, np.ndarray]:
         """Prior samples from fixed latents, reconstructions (input | output), interpolations."""
         vae = self.engine.module
