@@ -3,7 +3,8 @@
     python -m bench.faults --trials 20 --preset gan          (make bench-faults)
 
 Each trial starts the run, picks a checkpoint step at random, waits until that checkpoint is
-written, then a further random 0-2 s (mid-step, mid-log, mid-save of the next checkpoint),
+written, then a further random moment before the next one is (mid-step, mid-log, mid-save of
+the next checkpoint: up to CKPT_EVERY steps at the reference run's speed),
 kills every process of the job at once (launcher, torchrun, trainers, loader workers, W&B's
 service: the whole tree, each by pid, as a machine crash would; a signal to the launcher's
 process group would miss torchrun's workers, which have sessions of their own), checks that
@@ -156,7 +157,7 @@ def step_of(checkpoint: Path | None) -> int:
     return int(checkpoint.name.split("-")[1]) if checkpoint else 0
 
 
-def trial(preset: str, work: Path, shards: Path, reference: Path, rng: random.Random) -> dict:
+def trial(preset: str, work: Path, shards: Path, reference: Path, rng: random.Random, window: float) -> dict:
     run_dir = work / "interrupted"
     shutil.rmtree(run_dir, ignore_errors=True)
     started = time.perf_counter()
@@ -165,7 +166,7 @@ def trial(preset: str, work: Path, shards: Path, reference: Path, rng: random.Ra
     target = rng.choice(range(CKPT_EVERY, STEPS, CKPT_EVERY))
     while step_of(latest(run_dir)) < target and proc.poll() is None:
         time.sleep(0.05)
-    time.sleep(rng.uniform(0.0, 2.0))
+    time.sleep(rng.uniform(0.0, window))
     finished_first = proc.poll() is not None
     killed = [] if finished_first else kill_whole_job(proc.pid)
     proc.wait()
@@ -194,12 +195,14 @@ def main() -> int:
     run_quiet(gentrain("shards", "build", "digits", "--out", str(shards), "--quiet"))
     reference = work / "reference"
     first_ckpt, duration = timed_run(launch_cmd(args.preset, reference, shards), reference)
+    # kill within one checkpoint interval after the target checkpoint (later, the run may be over)
+    window = CKPT_EVERY * (duration - first_ckpt) / (STEPS - CKPT_EVERY)
     print(f"uninterrupted {args.preset} run: {STEPS} steps in {duration:.1f} s (first checkpoint at "
           f"{first_ckpt:.1f} s)", flush=True)
 
     results = []
     for i in range(args.trials):
-        result = trial(args.preset, work, shards, reference, rng)
+        result = trial(args.preset, work, shards, reference, rng, window)
         results.append(result)
         print(f"trial {i + 1:2d}: {result['processes_killed']} processes killed after "
               f"{result['killed_after_checkpoint']} at {result['killed_at_seconds']} s"
