@@ -90,11 +90,63 @@ def cmd_shards_build(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from trainers.runtime.abort import die_with_parent
+
+    die_with_parent()  # started by a launcher: never outlive it (torchrun's workers have sessions of their own)
     cfg = load_run_config(args.config, args.overrides)
     _apply_resume_flag(cfg, args.resume)
-    from trainers.loop import train  # heavy imports only once the config is known to be good
+    return _train_one_job(cfg)
 
-    return train(cfg)
+
+def _env_rank_world() -> tuple[int, int]:
+    """This process's rank and world size as its launcher set them (before torch.distributed)."""
+    env = os.environ
+    rank = env.get("RANK", env.get("SLURM_PROCID", "0"))
+    world = env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1"))
+    return int(rank), int(world)
+
+
+def _train_one_job(cfg) -> int:
+    """train(cfg) as one job of its run directory, whose failure on any rank stops every rank.
+
+    Rank 0 takes RUN_DIR/.lock before anything is written (a live job's lock: one line, exit 2 on
+    every rank, nothing touched); a guard on every rank turns an exception on any rank into the end
+    of the whole job within seconds (trainers.runtime.abort.JobGuard). The lock is released when
+    train returns (0 or 75) and when it fails.
+    """
+    from trainers.runtime.run_lock import RunLock, RunLocked
+
+    rank, world = _env_rank_world()
+    lock, refused = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(cfg.run.dir).acquire()
+        except RunLocked as err:
+            refused = _fail(str(err))  # at once, before the process group (and its seconds of setup)
+        if lock is not None and lock.took_over:
+            from trainers.runtime.run_lock import describe
+
+            print(f"[gentrain] took over the lock of a job that is gone ({describe(lock.took_over)})", flush=True)
+    try:
+        if refused is not None and world == 1:
+            return refused
+        from trainers.loop import train  # heavy imports only once the config is known to be good
+        from trainers.runtime.abort import JobGuard
+        from trainers.runtime.distributed import any_rank, init_distributed, shutdown
+
+        dist_info = init_distributed()
+        if world > 1 and any_rank(refused is not None, dist_info.device):  # every rank leaves, nothing written
+            shutdown()
+            return EXIT_USAGE
+        guard = JobGuard.for_default_group(dist_info)
+        if lock is not None:
+            guard.cleanups.append(lock.release)
+            lock.on_lost = guard.stop_job  # someone took the run over: two jobs must not write it
+        with guard:
+            return train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _apply_resume_flag(cfg, resume: str | None) -> None:
@@ -123,6 +175,13 @@ def _warn(message: str) -> None:
 def _launch(args, resources) -> int:
     overrides = list(args.overrides)
     cfg = load_run_config(args.config, overrides)  # fail here, before any process starts
+    if not args.dry_run:  # one run directory, one job: a live job's lock stops us before anything starts
+        from trainers.runtime.run_lock import RunLocked, check_free
+
+        try:
+            check_free(cfg.run.dir, same_rdzv_id=args.rdzv_id if args.nnodes > 1 else None)
+        except RunLocked as err:
+            raise UsageError(str(err)) from None
     if args.backend == "slurm" and args.nproc_per_node is None:
         nproc = args.gpus_per_node or 1  # one process per GPU
     else:
@@ -202,7 +261,15 @@ def _launch_torchrun(args, nproc: int, train_args: list[str], summary: str) -> i
 
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // nproc)))
     print(f"[gentrain] launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd, env=env)
+    return _run_launcher(cmd, env)
+
+
+def _run_launcher(cmd: list[str], env: dict) -> int:
+    """Run the launcher (torchrun wrapper, deepspeed) as our child; it is SIGKILLed if we die, and its
+    trainers follow it (they die with their launcher): killing `gentrain launch` ends the job."""
+    from trainers.runtime.abort import preexec_die_with_parent
+
+    return subprocess.call(cmd, env=env, preexec_fn=preexec_die_with_parent())
 
 
 def _launch_slurm(args, cfg, nproc: int, train_args: list[str], summary: str, resources) -> int:
@@ -267,7 +334,7 @@ def _launch_deepspeed(args, cfg, hosts, train_args: list[str], summary: str) -> 
     env.setdefault("OMP_NUM_THREADS", str(max(1, cpu_count() // max(slots for _, slots in hosts))))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.getcwd(), env.get("PYTHONPATH")]))
     print(f"[gentrain] launch: {shlex.join(cmd)}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd, env=env)
+    return _run_launcher(cmd, env)
 
 
 def cmd_sample(args) -> int:
