@@ -182,12 +182,12 @@ def test_training_on_corrupt_shards_skips_and_counts_every_bad_sample(tmp_path):
     from tests.test_stream import PLANTED, build_corrupt_shards
 
     (tmp_path / "shards").mkdir()
-    shards, _ = build_corrupt_shards(tmp_path / "shards")
-    (shards / "shard-000002.tar").write_bytes(bytes(10240))  # an empty shard: just end-of-archive blocks
+    shards, valid = build_corrupt_shards(tmp_path / "shards")
+    (shards / "shard-000003.tar").write_bytes(bytes(10240))  # an empty shard: just end-of-archive blocks
     run_dir = tmp_path / "run"
-    # 18 valid samples, batch 6, no shuffle window: exactly 3 passes in 9 steps.
+    assert len(valid) == 21  # batch 7, no shuffle window: exactly 3 passes in 9 steps
     run_gentrain("train", "configs/vae_digits.yaml", f"run.dir={run_dir}", f"data.shards={shards}",
-                 "data.image_size=16", "data.batch_size=6", "data.shuffle_buffer=1", "trainer.max_steps=9",
+                 "data.image_size=16", "data.batch_size=7", "data.shuffle_buffer=1", "trainer.max_steps=9",
                  "trainer.log_every=9", "trainer.progress=false", "model.base_channels=8")
     last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
     assert {k[len("data/skipped_"):]: v for k, v in last.items() if k.startswith("data/skipped_")} == \

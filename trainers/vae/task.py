@@ -163,7 +163,8 @@ class VAETask:
         vae = self.engine.module
         x = self._last_batch
         mean, _ = vae.encode(x.to(self.dtype))
-        a, b = mean[0::2][:4].float(), mean[1::2][:4].float()
+        pairs = min(4, len(mean) // 2)  # an odd batch leaves its last input unpaired
+        a, b = mean[0:2 * pairs:2].float(), mean[1:2 * pairs:2].float()
         t = torch.linspace(0, 1, INTERP_STEPS, device=mean.device)
         paths = {"linear": torch.lerp(a.unsqueeze(0), b.unsqueeze(0), t.view(-1, 1, 1)), "slerp": slerp(a, b, t)}
         frames, grids = {}, {}
