@@ -33,6 +33,7 @@ import json
 import os
 import re
 import tarfile
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable
@@ -63,6 +64,7 @@ def build_shards(
     num_samples: int | None = None,
     split: str = "all",
     labels: Iterable[int] | None = None,
+    _publish=None,
 ) -> dict:
     """Write ``source`` as WebDataset tars plus ``manifest.json`` into ``out_dir``.
 
@@ -70,7 +72,11 @@ def build_shards(
         source: ``digits``, ``stacked-digits``, ``ring8``, ``grid25``, ``photos``,
             ``folder:PATH``, ``pairs:sr4:SOURCE``, ``pairs:edges:SOURCE`` or ``pairs:folder:PATH``.
         out_dir: output directory (created; stale ``shard-*.tar`` from a bigger earlier
-            build are removed so the directory always holds exactly this data set).
+            build are removed so the directory always holds exactly this data set), or
+            ``s3://BUCKET/prefix``: each shard is uploaded as soon as it is written (and
+            removed from a local staging directory, so at most one shard is on local disk),
+            ``manifest.json`` last, then stale ``shard-*.tar`` under the prefix are deleted.
+            Credentials and endpoint as for reading (data_shards.remote; needs boto3).
         shard_size: samples per shard (the last shard may be smaller).
         image_size: output side in pixels (image sources; defaults 32 for digits, 16 for
             stacked-digits, 64 for photos and folders; for pairs the target's side, the
@@ -103,15 +109,24 @@ def build_shards(
     image_format = _normalise_format(image_format)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    bucket = _s3_out(out_dir)
+    if bucket is not None:  # each shard uploaded once written (and deleted here), the manifest last
+        with tempfile.TemporaryDirectory(prefix="gentrain-shards-") as staging:
+            manifest = build_shards(source, staging, shard_size, image_size, seed, image_format, progress,
+                                    num_samples, split, labels, _publish=lambda path: _upload(path, bucket))
+            _upload(Path(staging) / MANIFEST_NAME, bucket)
+            _remove_stale_s3_shards(bucket, manifest["num_shards"])
+        return manifest
     keep = None if labels is None else set(int(label) for label in labels)
     plan = plan_source(str(source), image_size, seed, image_format, num_samples, split, keep)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards, class_counts = _write_shards(plan, out, shard_size, progress, desc=f"shards {source}")
+    shards, class_counts = _write_shards(plan, out, shard_size, progress, desc=f"shards {source}", publish=_publish)
     if not shards:
         raise ValueError(f"{source}: no readable samples (skipped {len(plan.skipped_files)} files)")
-    _remove_stale_shards(out, len(shards))
+    if _publish is None:
+        _remove_stale_shards(out, len(shards))
 
     manifest = {
         "source": str(source),
@@ -154,15 +169,60 @@ def parse_labels(text: str | None) -> set[int] | None:
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict:
-    """Load ``out_dir/manifest.json`` as written by :func:`build_shards`."""
+    """Load ``out_dir/manifest.json`` as written by :func:`build_shards` (``out_dir`` may be an
+    ``s3://`` prefix)."""
+    bucket = _s3_out(out_dir)
+    if bucket is not None:
+        from data_shards import remote
+
+        data = remote.read_object(f"{bucket}/{MANIFEST_NAME}")
+        if data is None:
+            raise FileNotFoundError(f"no {MANIFEST_NAME} at {bucket}")
+        return json.loads(data)
     return json.loads((Path(out_dir) / MANIFEST_NAME).read_text())
+
+
+# ---------------------------------------------------------------------------- s3:// output
+
+
+def _s3_out(out_dir) -> str | None:
+    """``s3://bucket/prefix`` (no trailing slash) for an s3 output; None for a local directory.
+
+    Raises:
+        ValueError: another URL scheme (shards are written to a directory or to S3).
+    """
+    text = os.fspath(out_dir) if isinstance(out_dir, os.PathLike) else str(out_dir)
+    found = re.match(r"^([A-Za-z][A-Za-z0-9+.-]+)://", text)
+    if not found:
+        return None
+    if found.group(1).lower() != "s3" or not text[5:].strip("/"):
+        raise ValueError(f"--out must be a directory or s3://BUCKET/prefix, got {text!r}")
+    return text.rstrip("/")
+
+
+def _upload(path: Path, prefix: str) -> None:
+    from data_shards import remote
+
+    remote.upload_file(path, f"{prefix}/{path.name}")
+    if path.name != MANIFEST_NAME:
+        path.unlink()
+
+
+def _remove_stale_s3_shards(prefix: str, num_shards: int) -> None:
+    """Delete shards of an earlier, larger build under the prefix (see _remove_stale_shards)."""
+    from data_shards import remote
+
+    stale = [name for name in remote.list_names(prefix + "/")
+             if (match := _SHARD_RE.fullmatch(name)) and int(match.group(1)) >= num_shards]
+    remote.delete_objects([f"{prefix}/{name}" for name in stale])
 
 
 # ---------------------------------------------------------------------------- writing
 
 
-def _write_shards(plan: Plan, out: Path, shard_size: int, progress: bool, desc: str):
-    """Stream ``plan.samples`` into ``shard-NNNNNN.tar`` files; return (shard entries, class counts)."""
+def _write_shards(plan: Plan, out: Path, shard_size: int, progress: bool, desc: str, publish=None):
+    """Stream ``plan.samples`` into ``shard-NNNNNN.tar`` files; return (shard entries, class counts).
+    ``publish(path)`` is called on each shard once it is complete."""
     from tqdm.auto import tqdm
 
     shards: list[dict] = []
@@ -180,9 +240,13 @@ def _write_shards(plan: Plan, out: Path, shard_size: int, progress: bool, desc: 
             bar.update(1)
             if writer.count == shard_size:
                 shards.append(writer.close())
+                if publish is not None:
+                    publish(writer.path)
                 writer = None
         if writer is not None:
             shards.append(writer.close())
+            if publish is not None:
+                publish(writer.path)
             writer = None
     finally:
         bar.close()

@@ -1,8 +1,12 @@
 """Shard specs: what a user writes in ``data.shards``, expanded into an ordered list of shards.
 
 A spec is a directory (its ``*.tar`` files, sorted), a brace pattern such as
-``dir/shard-{000000..000009}.tar``, a glob, a single ``.tar`` path, a remote URL (``pipe:``,
-``s3://``, ... passed through unchecked), or a list (or OmegaConf ListConfig) of any of these.
+``dir/shard-{000000..000009}.tar``, a glob, a single ``.tar`` path, a remote URL, or a list
+(or OmegaConf ListConfig) of any of these. Remote URLs (data_shards.remote) are
+``https://HOST/path/shard-{000000..000999}.tar``, ``s3://BUCKET/prefix/shard-{...}.tar`` and
+``pipe:COMMAND``, passed through unchecked once their braces are expanded; an ``http(s)://``
+or ``s3://`` URL ending in ``/`` is a remote folder (the shards its manifest.json lists; for
+``s3://``, the ``.tar`` objects under the prefix). Other schemes go to webdataset's ``gopen``.
 """
 
 from __future__ import annotations
@@ -34,10 +38,17 @@ def resolve_shards(spec: Any) -> list[str]:
 
 
 def find_manifest(spec: Any) -> dict | None:
-    """The ``manifest.json`` next to the first shard of ``spec``, or None if there is none."""
+    """The ``manifest.json`` next to the first shard of ``spec``, or None if there is none
+    (for remote shards, where data_shards.remote says; None for schemes it does not read).
+
+    Raises:
+        OSError: a remote manifest's place could not be reached.
+    """
     first = resolve_shards(spec)[0]
     if REMOTE_RE.match(first):
-        return None
+        from data_shards import remote
+
+        return remote.find_manifest(first) if remote.scheme(first) else None
     path = Path(first).parent / "manifest.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -55,7 +66,11 @@ def _resolve(part: Any, whole: Any) -> list[str]:
 def _resolve_string(spec: str, whole: Any) -> list[str]:
     match = REMOTE_RE.match(spec)
     if match and match.group(1).lower() != "file":
-        return expand_urls(spec)
+        from data_shards import remote
+
+        urls = expand_urls(spec)
+        return [shard for url in urls
+                for shard in (remote.directory_shards(url) if remote.is_remote_directory(url) else [url])]
     spec = os.path.expanduser(re.sub(r"^file://?", "", spec))
     if os.path.isdir(spec):
         tars = sorted(glob(os.path.join(glob_escape(spec), "*.tar")))

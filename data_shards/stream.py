@@ -74,6 +74,7 @@ class _PassStats:
     valid: int = 0
     foreign: int = 0  # samples present but belonging to another slot
     skipped: Counter = field(default_factory=Counter)  # this pass only, for the error message
+    last_error: str = ""  # the last shard damage this slot counted, for the error message
 
 
 class _Slot:
@@ -179,9 +180,10 @@ class ShardStream(IterableDataset):
                     )
                     share_all = True
                     continue
+                last = f"; last error: {stats.last_error}" if stats.last_error else ""
                 raise NoValidSamples(
                     f"no valid samples in shards: {_describe(self._slot_urls(slot, share_all))} "
-                    f"(slot {slot.index} of {slot.count}; skipped {dict(stats.skipped)})"
+                    f"(slot {slot.index} of {slot.count}; skipped {dict(stats.skipped)}){last}"
                 )
             pass_index += 1
 
@@ -272,7 +274,7 @@ class ShardStream(IterableDataset):
             try:
                 source = shard_samples(url)
             except ShardError as exn:
-                self._shard_damage(k, slot, num_slots, exn, count)
+                self._shard_damage(k, slot, num_slots, exn, count, stats)
                 continue
             if isinstance(source, ShardTable):  # complete by construction: no ShardError
                 picked = range(len(source))
@@ -295,14 +297,15 @@ class ShardStream(IterableDataset):
                     continue
                 yield raw
         except ShardError as exn:
-            self._shard_damage(k, slot, num_slots, exn, count)
+            self._shard_damage(k, slot, num_slots, exn, count, stats)
 
     @staticmethod
-    def _shard_damage(k: int, slot: int, num_slots: int, exn: ShardError, count) -> None:
+    def _shard_damage(k: int, slot: int, num_slots: int, exn: ShardError, count, stats: _PassStats) -> None:
         # Every slot may read this shard; only its owner reports the damage so that the
         # counts summed over slots match what is in the data.
         if k % num_slots == slot:
             count(exn.reason)
+            stats.last_error = " ".join(str(exn).split())[:300]  # one line
 
 
 def _describe(shards: list[tuple[int, str]], limit: int = 3) -> str:

@@ -18,7 +18,9 @@ import mmap
 import operator
 import os
 import re
+import struct
 import tarfile
+import zlib
 from collections import OrderedDict
 from contextlib import closing
 from itertools import islice, repeat
@@ -28,6 +30,7 @@ import numpy as np
 from webdataset.gopen import gopen
 from webdataset.tariterators import base_plus_ext
 
+from data_shards import remote
 from data_shards.decode import IMAGE_EXTENSIONS, decode_label, plain_jpegs
 from data_shards.errors import TRUNCATED_TAR, UNREADABLE_SHARD, BadSample, ShardError
 from data_shards.specs import REMOTE_RE
@@ -101,6 +104,13 @@ def _dict_samples(url: str, scanned: tuple[bytes, list] | None) -> Iterator[dict
         if current is not None:
             yield current
         return
+    if remote.scheme(url) is not None:  # http(s)://, s3://, pipe: (data_shards.remote)
+        chunks = remote.ShardChunks(url)
+        try:
+            yield from _group_members(url, _stream_members(url, chunks))
+        finally:
+            chunks.close()
+        return
     try:
         stream = gopen(url, "rb")
     except Exception as exn:
@@ -168,10 +178,155 @@ def _tarfile_members(url: str, stream) -> Iterator[tuple[str, str, bytes]]:
             reading = None
             yield named[0], named[1], data
         stop = getattr(tar, "gentrain_stop", None)
+    except remote.SourceLost as exn:  # a remote shard's bytes stopped, retries spent
+        raise ShardError(UNREADABLE_SHARD, url, str(exn), cut_key=reading) from None
     except Exception as exn:  # tarfile.ReadError, EOFError, zlib.error, OSError, ...
         raise ShardError(TRUNCATED_TAR, url, f"{type(exn).__name__}: {exn}", cut_key=reading) from None
     if not isinstance(stop, tarfile.EOFHeaderError):
         raise ShardError(TRUNCATED_TAR, url, f"no end-of-archive marker ({type(stop).__name__})")
+
+
+# ---------------------------------------------------------------------------- streamed tars
+
+
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00\x80", b"\x28\xb5\x2f\xfd")
+_SIGNED_HEADER = struct.Struct("148b8x356b")
+
+
+def _stream_members(url: str, chunks) -> Iterator[tuple[str, str, bytes]]:
+    """The sample members of a tar arriving as chunks (``chunks.next()``: bytes, None at the
+    end, raising remote.SourceLost), as :func:`_tarfile_members` reads them: the same members,
+    and the same ShardError (reason and ``cut_key``) where the tar is damaged, but parsed as the
+    bytes stream in, with no copy beyond each member's own bytes.
+
+    Plain headers (regular files and directories, octal fields, a valid checksum) are parsed
+    here with :func:`_walk_tar`'s rules; at the first other header (pax or GNU extensions,
+    links, base-256 numbers, garbage) and for a compressed tar, ``tarfile`` reads the rest of
+    the stream from that header on and judges it. Bytes lost for good (SourceLost) end the shard
+    with ``unreadable_shard``; what arrived before counts as for any damage (_group_members).
+    """
+    reader = _ChunkReader(chunks)
+    reading = None  # the key of the member whose data is being read
+    first = True
+    try:
+        while True:
+            block = reader.take(512)
+            compressed = first and block.startswith(_COMPRESSED_MAGIC)
+            first = False
+            if len(block) < 512 and not compressed:
+                raise ShardError(TRUNCATED_TAR, url, "no end-of-archive marker (the stream ends at a header)")
+            if block == _ZERO_BLOCK:
+                return
+            header = None if compressed else _plain_header(block)
+            if header is None:  # tarfile's business, from this header on
+                yield from _tarfile_members(url, _ChunkFile(block, reader))
+                return
+            name, size = header
+            if size < 0:  # a directory: tarfile skips no data after one
+                continue
+            key, ext = _split_name(name)
+            if key is None:
+                if len(reader.take(size + (-size % 512))) < size + (-size % 512):
+                    raise ShardError(TRUNCATED_TAR, url, "unexpected end of data")
+                continue
+            reading = key
+            data = reader.take(size)
+            if len(data) < size:
+                raise ShardError(TRUNCATED_TAR, url, "unexpected end of data", cut_key=key)
+            reading = None
+            yield key, ext.lower(), data
+            pad = -size % 512
+            if pad and len(reader.take(pad)) < pad:
+                raise ShardError(TRUNCATED_TAR, url, "unexpected end of data")
+    except remote.SourceLost as exn:
+        raise ShardError(UNREADABLE_SHARD, url, str(exn), cut_key=reading) from None
+
+
+def _plain_header(block: bytes) -> tuple[str, int] | None:
+    """(name, data size) of a plain header as tarfile reads it, size -1 for a directory; None
+    where tarfile must decide (see _stream_members)."""
+    kind = block[156]
+    if kind not in (_REG, _AREG, _DIR) or block[124] & 0x80 or block[148] & 0x80:
+        return None
+    try:
+        checksum = int(block[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+        size = int(block[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        return None
+    # The unsigned byte sum of the header less its checksum field, plus 256 for that field's
+    # spaces: each half's sum (at most 256 x 255) is exactly adler32's low half less 1.
+    view = memoryview(block)
+    unsigned = (zlib.adler32(view[:256]) & 0xFFFF) + (zlib.adler32(view[256:]) & 0xFFFF) + 254 - sum(block[148:156])
+    if size < 0 or (checksum != unsigned and checksum != sum(_SIGNED_HEADER.unpack_from(block)) + 256):
+        return None
+    name = block[:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    if kind == _DIR or (kind == _AREG and name.endswith("/")):  # tarfile: a (V7) directory
+        return name, -1
+    if block[345]:
+        name = block[345:500].split(b"\0", 1)[0].decode("utf-8", "surrogateescape") + "/" + name
+    return name, size
+
+
+class _ChunkReader:
+    """Exact-size reads over a stream of chunks: ``take(n)`` gives n bytes, fewer only at the end."""
+
+    __slots__ = ("chunks", "buf", "pos", "ended")
+
+    def __init__(self, chunks):
+        self.chunks, self.buf, self.pos, self.ended = chunks, b"", 0, False
+
+    def take(self, n: int) -> bytes:
+        pos, buf = self.pos, self.buf
+        end = pos + n
+        if end <= len(buf):
+            self.pos = end
+            return buf[pos:end]
+        parts = [buf[pos:]]
+        have = len(buf) - pos
+        self.buf, self.pos = b"", 0
+        while have < n and not self.ended:
+            chunk = self.chunks.next()
+            if chunk is None:
+                self.ended = True
+                break
+            need = n - have
+            if len(chunk) > need:
+                parts.append(chunk[:need])
+                self.buf, self.pos = chunk, need
+                break
+            parts.append(chunk)
+            have += len(chunk)
+        return b"".join(parts)
+
+    def take_some(self, n: int) -> bytes:
+        """Up to n bytes, at least one unless at the end: the buffered ones, or the next chunk's."""
+        if self.pos >= len(self.buf):
+            chunk = None if self.ended else self.chunks.next()
+            if chunk is None:
+                self.ended = True
+                return b""
+            self.buf, self.pos = chunk, 0
+        out = self.buf[self.pos : self.pos + n]
+        self.pos += len(out)
+        return out
+
+
+class _ChunkFile:
+    """The rest of a streamed tar, from a header already taken, as the file tarfile reads."""
+
+    def __init__(self, head: bytes, reader: _ChunkReader):
+        self.head, self.reader = head, reader
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to ``size`` bytes (tarfile reads on until it has what it needs): bytes that
+        arrived are handed over before a loss is raised, so tarfile finds the loss where a
+        tar cut at the same byte would end (the same cut sample)."""
+        if size is None or size < 0:
+            size = 1 << 62
+        if self.head:
+            out, self.head = self.head[:size], self.head[size:]
+            return out
+        return self.reader.take_some(size)
 
 
 # ---------------------------------------------------------------------------- the sample table
