@@ -79,9 +79,14 @@ def cmd_shards_build(args) -> int:
     from data_shards.build import build_shards, parse_labels
 
     labels = parse_labels(args.labels)
-    manifest = build_shards(args.source, args.out, shard_size=args.shard_size, image_size=args.image_size,
-                            seed=args.seed, image_format=args.format, progress=not args.quiet,
-                            num_samples=args.num_samples, split=args.split, labels=labels)
+    try:  # --out DIR, or s3://BUCKET/prefix (each shard uploaded when written, manifest.json last)
+        manifest = build_shards(args.source, args.out, shard_size=args.shard_size, image_size=args.image_size,
+                                seed=args.seed, image_format=args.format, progress=not args.quiet,
+                                num_samples=args.num_samples, split=args.split, labels=labels)
+    except OSError as err:
+        if not str(args.out).lower().startswith("s3://"):
+            raise
+        return _fail(str(err).splitlines()[0])
     size = (f"input {manifest['src_size']} -> target {manifest['tgt_size']}" if manifest.get("paired")
             else f"size {manifest.get('image_size')}")
     print(f"wrote {manifest['num_samples']} samples in {manifest['num_shards']} shard(s) to {args.out} "
