@@ -27,7 +27,8 @@ class ConvVAE(nn.Module):
                  learn_scale: bool = False, init_scale: float = 0.1):
         super().__init__()
         # One learned log standard deviation for a Gaussian decoder (None when it is fixed).
-        self.log_scale = nn.Parameter(torch.tensor(math.log(init_scale))) if learn_scale else None
+        # Shape (1,), not (): DeepSpeed broadcasts parameters viewed as bytes, which a 0-d bf16 tensor cannot be.
+        self.log_scale = nn.Parameter(torch.full((1,), math.log(init_scale))) if learn_scale else None
         steps = num_resolution_steps(image_size)
         chans = widths(base_channels, steps)
         self.image_size, self.channels, self.latent_dim = image_size, channels, latent_dim
@@ -41,6 +42,12 @@ class ConvVAE(nn.Module):
         dec = [up_block(chans[i], chans[i - 1]) for i in range(steps - 1, 0, -1)]
         self.decoder = nn.Sequential(*dec, to_image(chans[0], channels))
         self._base_channels = chans[-1]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        scale = state_dict.get(prefix + "log_scale")
+        if scale is not None and scale.dim() == 0:  # weights saved when log_scale was 0-d
+            state_dict[prefix + "log_scale"] = scale.reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def encode(self, x_bchw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior q(z|x) as (mean, log-variance)."""

@@ -1,0 +1,134 @@
+"""DCGAN, R3GAN-style and StyleGAN2-style GANs side by side on the photo crops, same shards and
+the same wall-clock budget each: Frechet distance and KID on the held-out split (random and
+domain extractors), class-conditional accuracy, per-class coverage and s/kimg.
+
+    python -m bench.photos [--minutes 20] [--work /tmp/gentrain-photos] [--out bench/results]
+
+Each model is `configs/gan_photos.yaml` with its architecture (DCGAN keeps the digits preset's
+loss: nonsaturating + lazy R1), trained by the real `gentrain train` for `--minutes` and then
+stopped with SIGTERM: it checkpoints at the next step and exits 75, as on a preempted cluster.
+The judge is a domain classifier fitted on the real train crops (trainers.judge.extractors): it
+reads a sample generated for class k as some class; conditional accuracy is how often that is k.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "dcgan": ["model.arch=dcgan", "loss.loss=nonsaturating", "loss.r1_gamma=1.0", "loss.r2_gamma=0",
+              "loss.r1_every=4", "model.g_channels=64", "model.d_channels=64"],
+    "r3gan": [],
+    "stylegan2": ["--preset", "configs/gan_photos_stylegan2.yaml"],
+}
+
+
+def build_data(work: Path) -> tuple[Path, Path]:
+    train, test = work / "photos32", work / "photos32_test"
+    for out, split in ((train, "train"), (test, "test")):
+        if not (out / "manifest.json").exists():
+            subprocess.run([sys.executable, "-m", "launcher.cli", "shards", "build", "photos", "--out", str(out),
+                            "--image-size", "32", "--split", split, "--quiet"], check=True, cwd=ROOT)
+    return train, test
+
+
+def train_for(name: str, overrides: list[str], minutes: float, work: Path, train: Path, test: Path) -> Path:
+    """`gentrain train` for `minutes` of wall clock, then SIGTERM (checkpoint + exit 75)."""
+    preset = "configs/gan_photos.yaml"
+    if overrides[:1] == ["--preset"]:
+        preset, overrides = overrides[1], overrides[2:]
+    run = work / f"run-{name}"
+    cmd = [sys.executable, "-m", "launcher.cli", "train", preset, f"run.dir={run}", f"data.shards={train}",
+           f"metrics.shards={test}", "trainer.max_steps=1000000", "trainer.resume=never", "trainer.progress=false",
+           "wandb.mode=disabled", "metrics.every_kimg=0", *overrides]
+    print(f"[bench.photos] {name}: {' '.join(cmd[3:])}", flush=True)
+    with open(work / f"{name}.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=minutes * 60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=600)
+    if proc.returncode not in (0, 75):
+        raise RuntimeError(f"{name} exited {proc.returncode}; see {work / f'{name}.log'}")
+    return run
+
+
+def seconds_per_kimg(run: Path) -> tuple[float, int]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    first, last = records[0], records[-1]
+    images = last["images_seen"] - first["images_seen"]
+    return (last["time"] - first["time"]) / max(images / 1000, 1e-9), int(last["images_seen"])
+
+
+def judge(run: Path, test: Path, domain, n: int, num_classes: int) -> dict:
+    from trainers.judge.extractors import compute_features
+    from trainers.judge.inference import generate
+    from trainers.judge.metrics import class_coverage
+    from trainers.judge.quality import evaluate_quality, read_images, reference_features, set_metrics
+
+    out = evaluate_quality(run, test, ("fd", "kid"), "random", n)
+    real = reference_features(test, domain, n, 32, 3)
+    samples, labels = generate(run, n, seed=1)
+    feats, pred = compute_features(domain, samples.transpose(0, 3, 1, 2), return_predictions=True)
+    out.update(set_metrics(real, feats, ("fd", "kid"), domain.name))
+    out["conditional_accuracy"] = float((pred == labels).mean())
+    _, real_labels = read_images(test, 32, 3, n, with_labels=True)
+    out.update(class_coverage(pred, real_labels, num_classes))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget per model")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gentrain-photos"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--n", type=int, default=1000, help="images a side for FD/KID")
+    parser.add_argument("--models", default=",".join(MODELS))
+    args = parser.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "disabled")
+    args.work.mkdir(parents=True, exist_ok=True)
+    train, test = build_data(args.work)
+    from trainers.judge.extractors import fit_domain_extractor, get_extractor
+    from trainers.judge.quality import read_images
+
+    domain_path = args.work / "domain.safetensors"
+    if not domain_path.exists():
+        images, labels = read_images(train, 32, 3, 3000, with_labels=True)
+        fit_domain_extractor(images, labels, out=domain_path)
+    domain = get_extractor("domain", domain_path=domain_path)
+    num_classes = json.loads((train / "manifest.json").read_text())["num_classes"]
+    rows = {}
+    for name in args.models.split(","):
+        run = train_for(name, MODELS[name], args.minutes, args.work, train, test)
+        s_kimg, images = seconds_per_kimg(run)
+        rows[name] = {"s_per_kimg": s_kimg, "images_seen": images, **judge(run, test, domain, args.n, num_classes)}
+        print(f"[bench.photos] {name}: {json.dumps({k: v for k, v in rows[name].items() if k != 'extractor'})}",
+              flush=True)
+    load = os.getloadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "photos.json").write_text(json.dumps({"minutes": args.minutes, "load_avg": load, "rows": rows},
+                                                     indent=1, default=str))
+    head = "| model | kimg | s/kimg | fd_random | kid_random | fd_domain | kid_domain | cond. accuracy | class coverage | class TV |"
+    lines = [f"Budget {args.minutes:g} min per model, {args.n} images a side; load average at end "
+             f"{load[0]:.1f}.", "", head, "|" + "---|" * 10]
+    for name, r in rows.items():
+        lines.append(f"| {name} | {r['images_seen'] / 1000:.0f} | {r['s_per_kimg']:.1f} | {r['fd_random']:.3f} | "
+                     f"{r['kid_random']:.4f} | {r['fd_domain']:.1f} | {r['kid_domain']:.3f} | "
+                     f"{r['conditional_accuracy']:.2f} | {r['class_coverage']:.2f} | {r['class_tv']:.2f} |")
+    (args.out / "photos.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
