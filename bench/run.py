@@ -2,7 +2,8 @@
 
 Parts (``--only``): reader (vs raw decode and webdataset, decoder choice, DataLoader workers),
 trainer (step vs a bare loop), scaling (training with 1 and 2 processes), memory (RSS of a
-reader and of the real trainer over a long run; ``--memory-steps 10000`` for the long one).
+reader and of the real trainer over a long run; ``--memory-steps 10000`` for the long one),
+remote (shards over HTTP from a local server against the same shards on disk, bench.remote).
 
 Writes DIR/results.json (raw figures and the ratios ``reader_vs_raw_decode``,
 ``reader_vs_webdataset`` per image size and format, ``trainer_step_vs_bare_loop`` per model)
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 TARGETS = {"reader_vs_raw_decode": (">=", 0.90), "reader_vs_webdataset": (">=", 2.5),
-           "trainer_step_vs_bare_loop": ("<=", 1.10)}
+           "trainer_step_vs_bare_loop": ("<=", 1.10), "remote_http_vs_local_256": (">=", 0.90)}
 
 
 def machine() -> dict:
@@ -162,6 +163,23 @@ def to_markdown(results: dict) -> str:
                          f"{'yes' if r['flat'] else 'NO'} |")
         lines += [""] + notes + ([f"Memory runs: `{memory['command']}`."] if isinstance(memory.get("command"), str) else [])
         lines.append("")
+    remote = results.get("remote", {})
+    if remote.get("configs"):
+        lines += ["**Remote shards** (`make_loader` over `http://127.0.0.1:PORT/shard-{...}.tar` served by "
+                  "bench.remote's server in its own process, against the same JPEG shards on local disk; batch 64, "
+                  "shuffle window 512, channels_last; wall clock, the two loaders timed in alternation; ratio = median "
+                  "of per-round ratios; load average "
+                  f"{[round(x, 2) for x in remote['load_avg_at_start']]} at start, "
+                  f"{[round(x, 2) for x in remote['load_avg_at_end']]} at end)", "",
+                  "| size | loader workers | local disk images/s | HTTP images/s | HTTP / local |",
+                  "|---:|---:|---:|---:|---|"]
+        for size, by_workers in remote["configs"].items():
+            for workers, r in by_workers.items():
+                ratio = (_meets("remote_http_vs_local_256", r["http_vs_local"]) if size == "256"
+                         else f"{r['http_vs_local']:.2f}")
+                lines.append(f"| {size} | {workers.split('_')[1]} | {r['images_per_s']['local']:.0f} | "
+                             f"{r['images_per_s']['http']:.0f} | {ratio} |")
+        lines.append("")
     for part, info in results.get("runs", {}).items():
         if info.get("command") != results["command"]:
             lines.append(f"The {part} figures are from an earlier run: `{info.get('command')}` (load average at start "
@@ -176,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny inputs, few rounds: a smoke run (seconds)")
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent), help="where results.json/.md go")
     parser.add_argument("--work", default=None, help="scratch directory for shards and runs (default: a temp dir)")
-    parser.add_argument("--only", default="reader,trainer,scaling,memory", help="comma-separated parts to run")
+    parser.add_argument("--only", default="reader,trainer,scaling,memory,remote", help="comma-separated parts to run")
     parser.add_argument("--memory-batches", type=int, default=None, help="reader memory run length (default 4000)")
     parser.add_argument("--memory-steps", type=int, default=None,
                         help="trainer memory run length in steps (default 1500; 10000 takes about an hour here)")
@@ -206,11 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge and previous.is_file():
         kept = json.loads(previous.read_text())
         runs = kept.get("runs", {})
-        for part in ("reader", "trainer", "scaling", "memory"):
+        for part in ("reader", "trainer", "scaling", "memory", "remote"):
             if part not in parts and part in kept:
                 results[part] = kept[part]
                 for name in {"reader": ("reader_vs_raw_decode", "reader_vs_webdataset"),
-                             "trainer": ("trainer_step_vs_bare_loop",)}.get(part, ()):
+                             "trainer": ("trainer_step_vs_bare_loop",),
+                             "remote": ("remote_http_vs_local_256",)}.get(part, ()):
                     if name in kept:
                         results[name] = kept[name]
                 results.setdefault("runs", {})[part] = runs.get(part, {"command": kept.get("command"),
@@ -244,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         shards = reader.build_bench_shards(work, size, "jpg", n, shard_size=max(n // 8, 16))
         results["memory"] = memory.run(args.quick, work, shards, size, args.memory_batches, args.memory_steps,
                                        args.train_override)
+    if "remote" in parts:
+        print("[bench] remote (HTTP vs local disk) ...", flush=True)
+        from bench import remote
+
+        results["remote"] = remote.run(quick=args.quick, root=work)
+        results["remote_http_vs_local_256"] = results["remote"]["http_vs_local_256"]
     results["seconds"] = time.perf_counter() - started
     results["load_avg_at_end"] = os.getloadavg()
     for part in parts:

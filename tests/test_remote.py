@@ -396,12 +396,14 @@ def test_run_from_s3_killed_with_9_resumes_to_the_local_weights(s3, local_refere
     deadline = time.time() + 300
     while not latest.exists() and time.time() < deadline:
         assert proc.poll() is None, "the run ended early"
-        time.sleep(0.2)
-    time.sleep(random.uniform(0.0, 3.0))
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 1.0))  # at a random moment after the first checkpoint (step 3 of 14)
+    assert proc.poll() is None, "the run ended before it could be killed"
     killed = kill_whole_job(proc.pid)
     proc.wait()
     assert not wait_all_gone(killed, 10, mentioning=f"run.dir={run_dir}")
     killed_at = latest.read_text().strip()
+    assert killed_at < "step-0000014", killed_at
     resumed = run_gentrain(*launch_args(GAN, run_dir, spec))
     assert "resumed from" in resumed.stdout, f"did not resume (killed after {killed_at})"
     assert_same_weights(local_reference, run_dir)
