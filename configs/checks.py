@@ -73,6 +73,14 @@ def check_gan(cfg: DictConfig) -> None:
         raise ConfigError("optim.lr_decay_start must be in [0, 1] and optim.lr_decay_final >= 0")
     if ops and cfg.model.arch == "mlp":
         raise ConfigError("loss.augment works on images; the mlp (2-D points) model takes no augmentation")
+    if loss.ada_target > 0:
+        if ops:
+            raise ConfigError("loss.ada_target (adaptive augmentation) and loss.augment (fixed DiffAugment) exclude "
+                              "each other: set one")
+        if cfg.model.arch == "mlp" or not loss.ada_target < 1 or loss.ada_kimg <= 0 or loss.ada_interval < 1:
+            raise ConfigError("ADA needs images, 0 < loss.ada_target < 1, loss.ada_kimg > 0, loss.ada_interval >= 1")
+    if loss.pl_weight < 0 or loss.pl_every < 1 or (loss.pl_weight > 0 and cfg.model.arch == "mlp"):
+        raise ConfigError("loss.pl_weight must be >= 0 (images only) and loss.pl_every >= 1")
 
 
 def check_paired(cfg: DictConfig) -> None:

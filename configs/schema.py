@@ -119,6 +119,23 @@ class WandbConfig:
 
 
 @dataclass
+class MetricsConfig:
+    every_kimg: float = 0.0
+    """Thousands of images seen between sample-quality measurements during training (FD, KID,
+    precision/recall, density/coverage against real images; trainers.judge.live); 0 turns them off."""
+    num_samples: int = 1000
+    """Generated and real images per measurement (split over the ranks)."""
+    extractor: str = "random"
+    """Feature extractor: random (fixed-seed conv net), domain (a classifier fitted on the run's
+    training shards, kept in RUN_DIR/judge/) or inception:PATH (the FID Inception weights)."""
+    shards: Optional[str] = None
+    """Real images to compare with; unset: data.shards."""
+    best: str = "fd"
+    """Keep the checkpoint with the lowest value of this metric (fd or kid) as checkpoints/best;
+    empty: keep none."""
+
+
+@dataclass
 class VAEModelConfig:
     arch: str = "conv"
     """conv (the small convolutional VAE) or autoencoder_kl (diffusers' AutoencoderKL, the
@@ -213,8 +230,9 @@ class GANModelConfig:
 @dataclass
 class GANLossConfig:
     loss: str = "nonsaturating"
-    """nonsaturating (logistic, -log D(G(z)) for G), hinge (D: relu(1-r)+relu(1+f); G: -f) or
-    wasserstein (D: f-r; G: -f; pair it with gp_gamma > 0)."""
+    """nonsaturating (logistic, -log D(G(z)) for G), hinge (D: relu(1-r)+relu(1+f); G: -f),
+    wasserstein (D: f-r; G: -f; pair it with gp_gamma > 0) or relativistic (R3GAN's pairing loss,
+    D: softplus(f-r); G: softplus(r-f); pair it with R1 and R2)."""
     r1_gamma: float = 1.0
     """R1 weight: gamma/2 * E||grad_x D(x)||^2 on real data (0 turns it off); computed in fp32."""
     r2_gamma: float = 0.0
@@ -235,6 +253,21 @@ class GANLossConfig:
     augment: List[str] = field(default_factory=list)
     """Differentiable augmentation (DiffAugment) applied to real and generated images before D, in
     both phases: any of translation, cutout, color; empty turns it off. Images only."""
+    ada_target: float = 0.0
+    """Adaptive discriminator augmentation (Karras et al. 2020): the r_t = E[sign(D(real))] it steers
+    toward by raising or lowering the augmentation probability p (0.6 in the paper; 0 turns ADA
+    off). Flips, integer translation, 90-degree rotation, brightness, contrast, saturation, hue and
+    cutout on every image D sees; the fixed alternative is loss.augment (DiffAugment)."""
+    ada_kimg: float = 100.0
+    """ADA speed: p can go from 0 to 1 in this many thousand images (500 in the paper)."""
+    ada_interval: int = 4
+    """Steps between adjustments of ADA's p."""
+    pl_weight: float = 0.0
+    """StyleGAN2's path-length regularisation weight (2 in the paper; 0 off), lazy like R1: every
+    loss.pl_every steps on half the batch, scaled by the interval. Generators with a mapping
+    network (stylegan2) regularise w; others z."""
+    pl_every: int = 4
+    """Steps between path-length regularisation steps of G."""
     ema_halflife_kimg: float = 2.0
     """Half-life of the generator EMA in thousands of images seen (0 turns EMA off)."""
     ema_rampup: float = 0.05
@@ -271,6 +304,8 @@ class VAEConfig:
     loss: VAELossConfig = field(default_factory=VAELossConfig)
     optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(lr=1e-3, betas=[0.9, 0.999]))
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Sample quality measured during training."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -286,6 +321,8 @@ class GANConfig:
     """Collapse diagnostics and the collapse alert."""
     optim: GANOptimConfig = field(default_factory=GANOptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """Sample quality measured during training."""
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
@@ -362,6 +399,9 @@ class PairedConfig:
     optim: GANOptimConfig = field(default_factory=GANOptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """In-training sample quality: not measured for paired runs (metrics.every_kimg must stay 0);
+    `python -m bench.translate` judges them on held-out pairs."""
 
 
 SCHEMAS = {"vae": VAEConfig, "gan": GANConfig, "paired": PairedConfig}
@@ -375,8 +415,9 @@ CHOICES = {
     "data.channels": (1, 3),
     "loss.likelihood": ("bernoulli", "gaussian", "l1", "l2"),
     "loss.beta_schedule": ("constant", "warmup", "cyclical"),
-    "loss.loss": ("nonsaturating", "hinge", "wasserstein"),
+    "loss.loss": ("nonsaturating", "hinge", "wasserstein", "relativistic"),
     "loss.adversarial.loss": ("nonsaturating", "hinge", "wasserstein"),
+    "metrics.best": ("fd", "kid", ""),
 }
 # Choices that depend on the kind of run.
 KIND_CHOICES = {

@@ -354,8 +354,11 @@ def cmd_sample(args) -> int:
 def cmd_evaluate(args) -> int:
     from trainers.judge.evaluation import evaluate
 
+    from trainers.judge.quality import parse_metrics
+
     metrics = evaluate(args.run_dir, args.shards or _run_shards(args.run_dir), args.out, k=args.k,
-                       num_samples=args.num_samples, seed=args.seed)
+                       num_samples=args.num_samples, seed=args.seed, metrics=parse_metrics(args.metrics),
+                       extractor=args.extractor)
     print(json.dumps(metrics, indent=1))
     print(f"wrote {args.out}")
     return 0
@@ -520,12 +523,20 @@ def build_parser() -> argparse.ArgumentParser:
     translate.add_argument("--quiet", action="store_true", help="no progress bar")
     translate.set_defaults(func=cmd_translate)
 
-    evaluate = sub.add_parser("evaluate", help="VAE: ELBO, importance-weighted NLL bound, AU, MI; GAN: class coverage")
+    evaluate = sub.add_parser("evaluate", help="FD, KID, precision/recall, density/coverage against held-out shards; "
+                              "VAE: also ELBO, IW NLL bound, PSNR/SSIM; GAN: class coverage")
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--shards", default=None, help="held-out shards (default: the run's data.shards)")
     evaluate.add_argument("--out", required=True, help="metrics.json")
     evaluate.add_argument("--k", type=int, default=64, help="importance samples for the NLL bound (VAE)")
-    evaluate.add_argument("--num-samples", type=int, default=5000, help="generated samples to score (GAN)")
+    evaluate.add_argument("--n", "--num-samples", dest="num_samples", type=int, default=5000,
+                          help="images a side for the set metrics (real from the shards, generated)")
+    evaluate.add_argument("--metrics", default="fd,kid,pr,dc",
+                          help="any of fd (Frechet distance), kid, pr (precision/recall), dc (density/coverage)")
+    evaluate.add_argument("--extractor", default="random",
+                          help="random (fixed-seed conv net, the default offline), domain (a classifier fitted on "
+                               "the run's training shards, kept in RUN_DIR/judge/) or inception:PATH (the FID "
+                               "Inception weights file, sha256-checked: fd_inception compares with published FIDs)")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(func=cmd_evaluate)
 

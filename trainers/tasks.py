@@ -32,6 +32,10 @@ class Task(Protocol):
         because a loss was not finite on some rank. Called on every rank at the same steps:
         it may run collectives."""
 
+    def generate(self, n: int, seed: int) -> np.ndarray:
+        """n samples as uint8 NCHW images from a generator seeded with `seed` (in-training metrics);
+        must not draw from the training's random streams."""
+
     def samples(self) -> dict[str, np.ndarray]:
         """Named uint8 image grids (H, W, C) for W&B and samples/; called on rank 0 only."""
 
