@@ -72,42 +72,32 @@ def read_shard(url: str) -> Iterator[dict]:
     if isinstance(source, ShardTable):
         yield from map(source.sample, range(len(source)))
     else:
-        yield from source
+        for raw in source:
+            yield record_sample(raw) if type(raw) is tuple else raw
 
 
-def shard_samples(url: str) -> "ShardTable | Iterator[dict]":
+def shard_samples(url: str) -> "ShardTable | Iterator[dict | tuple]":
     """The samples of one tar: a :class:`ShardTable` where the shard is a plain local tar of
     uniform samples, else an iterator of the dicts :func:`read_shard` yields (which may raise
-    ShardError after the last complete sample). Both hold the same samples in the same order."""
+    ShardError after the last complete sample), in which a remote shard's samples come as
+    ShardTable records where runs of them are uniform (see :func:`_stream_samples`). All hold
+    the same samples in the same order."""
     scanned = _scan(url)
     if isinstance(scanned, ShardTable):
         return scanned
     return _dict_samples(url, scanned)
 
 
-def _dict_samples(url: str, scanned: tuple[bytes, list] | None) -> Iterator[dict]:
-    if scanned is not None:  # _group_members, inlined: this loop runs once per member
+def _dict_samples(url: str, scanned: tuple[bytes, list] | None) -> Iterator[dict | tuple]:
+    if scanned is not None:
         buf, members = scanned
-        current: dict | None = None
-        current_key = None
-        for key, ext, start, end in members:
-            if key == current_key:
-                if ext in current:
-                    current["__duplicates__"] = current.get("__duplicates__", 0) + 1
-                else:
-                    current[ext] = buf[start:end]
-                continue
-            if current is not None:
-                yield current
-            current_key = key
-            current = {"__key__": key, "__url__": url, ext: buf[start:end]}
-        if current is not None:
-            yield current
+        yield from _span_samples(url, buf, members)
         return
     if remote.scheme(url) is not None:  # http(s)://, s3://, pipe: (data_shards.remote)
         chunks = remote.ShardChunks(url)
         try:
-            yield from _group_members(url, _stream_members(url, chunks))
+            for part in _stream_samples(url, chunks):
+                yield from part
         finally:
             chunks.close()
         return
@@ -119,7 +109,27 @@ def _dict_samples(url: str, scanned: tuple[bytes, list] | None) -> Iterator[dict
         yield from _group_members(url, _tarfile_members(url, stream))
 
 
-def _group_members(url: str, members: Iterator[tuple[str, str, bytes]]) -> Iterator[dict]:
+def _span_samples(url: str, buf: bytes, members) -> list[dict]:
+    """read_shard's dicts of complete (key, ext, start, end) members of ``buf``, in order:
+    _group_members, inlined (this loop runs once per member)."""
+    out: list[dict] = []
+    current: dict | None = None
+    current_key = None
+    for key, ext, start, end in members:
+        if key == current_key:
+            if ext in current:
+                current["__duplicates__"] = current.get("__duplicates__", 0) + 1
+            else:
+                current[ext] = buf[start:end]
+            continue
+        current_key = key
+        current = {"__key__": key, "__url__": url, ext: buf[start:end]}
+        out.append(current)
+    return out
+
+
+def _group_members(url: str, members: Iterator[tuple[str, str, bytes]], previous: dict | None = None
+                   ) -> Iterator[dict]:
     """Group consecutive (key, ext, bytes) members into samples; a ShardError from ``members``
     propagates after the last complete sample.
 
@@ -128,9 +138,10 @@ def _group_members(url: str, members: Iterator[tuple[str, str, bytes]]) -> Itera
     members were read, and members of a sample are consecutive), or, where the damage is at a
     header (a tar cut between members, a garbage header), when it has the same members as the
     sample before it. Otherwise it may lack members and is dropped: the damage counts it.
+    ``previous``: the sample before the first member's, where the members continue a shard
+    whose earlier samples went another way (only its member extensions matter).
     """
     current: dict | None = None
-    previous: dict | None = None
     try:
         for key, ext, data in members:
             if current is not None and current["__key__"] == key:
@@ -141,7 +152,8 @@ def _group_members(url: str, members: Iterator[tuple[str, str, bytes]]) -> Itera
                 continue
             if current is not None:
                 yield current
-            previous, current = current, {"__key__": key, "__url__": url, ext: data}
+                previous = current
+            current = {"__key__": key, "__url__": url, ext: data}
     except ShardError as exn:
         if current is not None and _complete(current, exn.cut_key, previous):
             yield current
@@ -193,7 +205,7 @@ _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ", b"\x5d\x00\x00\x80", b"\x
 _SIGNED_HEADER = struct.Struct("148b8x356b")
 
 
-def _stream_members(url: str, chunks) -> Iterator[tuple[str, str, bytes]]:
+def _stream_members(url: str, chunks, first: bool = True) -> Iterator[tuple[str, str, bytes]]:
     """The sample members of a tar arriving as chunks (``chunks.next()``: bytes, None at the
     end, raising remote.SourceLost), as :func:`_tarfile_members` reads them: the same members,
     and the same ShardError (reason and ``cut_key``) where the tar is damaged, but parsed as the
@@ -204,10 +216,10 @@ def _stream_members(url: str, chunks) -> Iterator[tuple[str, str, bytes]]:
     links, base-256 numbers, garbage) and for a compressed tar, ``tarfile`` reads the rest of
     the stream from that header on and judges it. Bytes lost for good (SourceLost) end the shard
     with ``unreadable_shard``; what arrived before counts as for any damage (_group_members).
+    ``first``: the chunks start at the shard's first byte (where a compressed tar shows).
     """
     reader = _ChunkReader(chunks)
     reading = None  # the key of the member whose data is being read
-    first = True
     try:
         while True:
             block = reader.take(512)
@@ -240,6 +252,185 @@ def _stream_members(url: str, chunks) -> Iterator[tuple[str, str, bytes]]:
                 raise ShardError(TRUNCATED_TAR, url, "unexpected end of data")
     except remote.SourceLost as exn:
         raise ShardError(UNREADABLE_SHARD, url, str(exn), cut_key=reading) from None
+
+
+STREAM_BATCH = 4 << 20  # bytes gathered before the members in them are indexed at once
+
+
+def _stream_samples(url: str, chunks, batch: int = STREAM_BATCH) -> Iterator[list]:
+    """The samples of a tar arriving as chunks (see :func:`_stream_members`), in lists: those
+    of about ``batch`` bytes at a time, as ShardTable records where they are uniform (a table
+    over those bytes), else as read_shard's dicts. In all, exactly the samples (and the
+    ShardError) of ``_group_members(url, _stream_members(url, chunks))``.
+
+    The complete plain members among the gathered bytes are indexed at once (with numpy where
+    they chain as :func:`_ustar_columns` wants, header by header otherwise); the samples of all
+    but the last key are given out, the last key's members wait for the next bytes (the sample
+    may go on). What comes after the last complete member when the bytes end (a clean end
+    without end-of-archive blocks, a cut, a loss) or at a header only ``tarfile`` may judge,
+    goes through :func:`_stream_members` with the same grouping rules.
+    """
+    buf, pos, first, previous = b"", 0, True, None
+    lost: remote.SourceLost | None = None
+    ended, want = False, batch
+    while True:
+        pieces: list = []
+        gathered = len(buf) - pos
+        while not ended and (gathered < want or not pieces):  # at least one new piece each round
+            try:
+                piece = chunks.next()
+            except remote.SourceLost as exn:
+                piece, lost = None, exn
+            if piece is None:
+                ended = True
+                break
+            pieces.append(piece)
+            gathered += len(piece)
+        if pieces:
+            buf = b"".join([memoryview(buf)[pos:], *pieces]) if pos < len(buf) else b"".join(pieces)
+            pos = 0
+        if first and buf.startswith(_COMPRESSED_MAGIC):
+            break  # tarfile's business, from the first byte
+        first = first and len(buf) < 512
+        members, stop_at, stop = _index_members(buf, pos)
+        careful = stop == "other" or (ended and stop != "end")
+        if stop != "end" and members:  # the last key's members may go on: they wait
+            held = len(members)
+            while held and members[held - 1][0] == members[-1][0]:
+                held -= 1
+            stop_at = members[held][2] - 512
+            members = members[:held]
+        if members:
+            part = _indexed_samples(url, buf, members)
+            last = part[-1]
+            previous = {ext: b"" for ext, _, _ in last[RECORD_LAYOUT][1]} if type(last) is tuple else last
+            yield part
+        if stop == "end":
+            return
+        # No progress (a sample longer than what was gathered): gather twice as much next time.
+        want = batch if members else max(batch, 2 * (len(buf) - stop_at))
+        pos = stop_at
+        if careful:
+            break
+    # The rest, member by member, from a header on: a clean end without end-of-archive blocks,
+    # a cut or a loss, a header only tarfile may judge, a compressed tar.
+    rest = _Replay(buf[pos:], None if ended else chunks, lost)
+    for sample in _group_members(url, _stream_members(url, rest, first=first), previous):
+        yield [sample]
+
+
+class _Replay:
+    """Chunks: ``head`` first, then those of ``chunks`` (None: none), then the loss, if any."""
+
+    def __init__(self, head: bytes, chunks, lost: "remote.SourceLost | None"):
+        self.head, self.chunks, self.lost = head, chunks, lost
+
+    def next(self) -> bytes | None:
+        if self.head:
+            head, self.head = self.head, b""
+            return head
+        if self.chunks is not None:
+            return self.chunks.next()
+        if self.lost is not None:
+            lost, self.lost = self.lost, None
+            raise lost
+        return None
+
+
+def _indexed_samples(url: str, buf: bytes, members: list[tuple[str, str, int, int]]) -> list:
+    """The samples of complete members of ``buf``: a table's records where they are uniform."""
+    keys, exts, starts, ends = (list(column) for column in zip(*members))
+    table = ShardTable.build(url, buf, keys, exts, starts, ends)
+    if table is not None:
+        return table.records(range(len(table)))
+    return _span_samples(url, buf, members)
+
+
+def _index_members(buf: bytes, pos: int) -> tuple[list[tuple[str, str, int, int]], int, str | None]:
+    """([(key, ext, start, end)] of the complete sample members of ``buf`` from the header at
+    ``pos`` on, where the indexing stopped, why): None (the bytes ran out: a member, or a header,
+    is incomplete), "end" (an end-of-archive block there) or "other" (a header only tarfile may
+    judge there)."""
+    members: list = []
+    fast = _ustar_chain(buf, pos)
+    if fast is not None:
+        found, pos, stop = fast
+        members += found
+        if stop != "walk":
+            return members, pos, stop
+    length = len(buf)
+    while pos + 512 <= length:
+        block = buf[pos : pos + 512]
+        if block == _ZERO_BLOCK:
+            return members, pos, "end"
+        header = _plain_header(block)
+        if header is None:
+            return members, pos, "other"
+        name, size = header
+        if size < 0:  # a directory: no data
+            pos += 512
+            continue
+        following = pos + 512 + size + (-size % 512)
+        if following > length:
+            break
+        key, ext = _split_name(name)
+        if key is not None:
+            members.append((key, ext.lower(), pos + 512, pos + 512 + size))
+        pos = following
+    return members, pos, None
+
+
+def _ustar_chain(buf: bytes, pos: int):
+    """:func:`_ustar_columns` for the bytes from ``pos`` (a header) on, which need not end the
+    archive: (members, where it stopped, why: None, "end", or "walk" where the next header is
+    not one it vouches for), or None where it cannot vouch for the first member."""
+    n_blocks = (len(buf) - pos) // 512
+    if n_blocks < 2:
+        return None
+    blocks = np.frombuffer(buf, dtype=np.uint8, count=n_blocks * 512, offset=pos).reshape(n_blocks, 512)
+    heads = np.flatnonzero(blocks[:, 257] == ord("u"))
+    if not heads.size or heads[0] != 0:
+        return None
+    headers = blocks[heads]
+    magic = (headers[:, 258:262] == _USTAR_TAIL).all(1)
+    if not magic.all():
+        heads, headers = heads[magic], headers[magic]
+    kinds = headers[:, 156]
+    sizes = _octal_fields(headers[:, 124:136])
+    if sizes is None or not ((kinds == _REG) | (kinds == _AREG)).all() or headers[:, 345].any():
+        return None
+    following = heads + 1 + (sizes + 511) // 512
+    chained = np.flatnonzero(following[:-1] != heads[1:])
+    count = int(chained[0]) + 1 if chained.size else len(heads)  # heads[:count] chain from block 0
+    complete = int(np.searchsorted(following[:count], n_blocks, side="right"))  # their data all here
+    if not complete:
+        return None
+    heads, headers, sizes = heads[:complete], headers[:complete], sizes[:complete]
+    checksum_fields = headers[:, 148:156]
+    wanted = _octal_fields(checksum_fields)
+    if wanted is None:
+        return None
+    words = headers.view(np.uint64)
+    lanes = ((words & _LOW_BYTES) + ((words >> np.uint64(8)) & _LOW_BYTES)).sum(1)
+    total = sum((lanes >> np.uint64(s)) & np.uint64(0xFFFF) for s in (0, 16, 32, 48)).astype(np.int64)
+    unsigned = total - checksum_fields.sum(1, dtype=np.int64) + 256
+    if not (unsigned == wanted).all() and not _checksums_match(headers, wanted):
+        return None
+    names = np.ascontiguousarray(headers[:, :100]).view("S100").ravel().tolist()
+    plain = _split_plain_names(names)
+    if plain is None:
+        return None
+    starts = (heads * 512 + 512 + pos).tolist()
+    ends = (heads * 512 + 512 + pos + sizes).tolist()
+    end_block = int(following[complete - 1])
+    stop_at = pos + 512 * end_block
+    if complete < count or end_block >= n_blocks:
+        stop = None  # the next member is incomplete, or nothing follows yet
+    elif not blocks[end_block].any():
+        stop = "end"
+    else:
+        stop = "walk"
+    return list(zip(plain[0], plain[1], starts, ends)), stop_at, stop
 
 
 def _plain_header(block: bytes) -> tuple[str, int] | None:

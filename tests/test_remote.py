@@ -19,7 +19,7 @@ from data_shards.build import build_shards, read_manifest
 from data_shards.errors import TRUNCATED_TAR, UNREADABLE_SHARD, NoValidSamples, ShardError
 from data_shards.specs import find_manifest, resolve_shards
 from data_shards.stream import ShardStream, make_loader
-from data_shards.tars import _group_members, _stream_members, _tarfile_members, read_shard
+from data_shards.tars import _group_members, _stream_members, _stream_samples, _tarfile_members, record_sample
 
 N_SHARDS = 8
 BRACES = "shard-{000000..000007}.tar"
@@ -92,6 +92,17 @@ def outcome(members) -> tuple[list[dict], tuple | None]:
     return samples, error
 
 
+def streamed(chunks, batch) -> tuple[list[dict], tuple | None]:
+    """_stream_samples' samples as read_shard dicts (records converted), and its error."""
+    samples, error = [], None
+    try:
+        for part in _stream_samples("u", chunks, batch):
+            samples += [record_sample(raw) if type(raw) is tuple else raw for raw in part]
+    except ShardError as exn:
+        error = (exn.reason, exn.cut_key)
+    return samples, error
+
+
 def tar_bytes(members: list[tuple[str, bytes]], fmt=tarfile.USTAR_FORMAT, mode="w", directory=None) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode=mode, format=fmt) as tar:
@@ -119,6 +130,8 @@ TARS = {
     "pax_midway": tar_bytes(sample_members(2) + [("\u00e9t\u00e9.png", b"x" * 900), ("\u00e9t\u00e9.cls", b"1")]
                             + sample_members(2, "z"), fmt=tarfile.PAX_FORMAT),
     "gzip": tar_bytes(sample_members(), mode="w:gz"),
+    "duplicates_big": tar_bytes(sample_members(2) + [("d.png", b"1" * 5000), ("d.png", b"2"), ("d.cls", b"3")]
+                                + sample_members(3, "e")),
     "empty": b"",
     "only_end": bytes(1024),
 }
@@ -154,6 +167,21 @@ def test_streamed_tars_read_exactly_as_tarfile_reads_them(name):
                     assert lost == (want_samples, (UNREADABLE_SHARD, want_error[1])), (cut, size)
     if name == "ustar":
         assert outcome(_stream_members("u", Chunks(data, 512)))[0][3]["png"] == bytes([3]) * 933
+
+
+@pytest.mark.parametrize("name", [*TARS, "garbage_header", "bad_checksum"])
+def test_streamed_samples_in_indexed_batches_are_the_member_by_member_ones(name):
+    """_stream_samples (batches of members indexed at once, as table records where uniform) gives
+    what _stream_members gives, whole, cut, or lost at every 131st byte, for batch sizes that hold
+    a few members, a few samples, or all."""
+    data = TARS[name] if name in TARS else damaged(TARS["ustar"])[name][0]
+    for cut in [*range(0, len(data), 131), len(data)]:
+        for size, batch in ((100, 700), (512, 1500), (1 << 20, 1 << 20), (333, 3000)):
+            want = outcome(_stream_members("u", Chunks(data[:cut], size)))
+            assert streamed(Chunks(data[:cut], size), batch) == want, (cut, size, batch)
+            if cut < len(data):
+                want = outcome(_stream_members("u", Chunks(data, size, lose_at=cut)))
+                assert streamed(Chunks(data, size, lose_at=cut), batch) == want, (cut, size, batch)
 
 
 # ---------------------------------------------------------------------------- HTTP
