@@ -212,7 +212,8 @@ class VAELossConfig:
 @dataclass
 class GANModelConfig:
     arch: str = "dcgan"
-    """dcgan (images) or mlp (2-D points)."""
+    """dcgan (images), r3gan (R3GAN-style residual networks), stylegan2 (StyleGAN2-style mapping +
+    modulated-conv generator, residual discriminator) or mlp (2-D points)."""
     z_dim: int = 64
     """Dimensions of the generator's input noise."""
     g_channels: int = 64
@@ -225,6 +226,17 @@ class GANModelConfig:
     num_classes: int = 0
     """Classes for a class-conditional GAN (labels from the shards' KEY.cls); 0 = unconditional
     (or, with model.conditional, the manifest's num_classes)."""
+    blocks_per_stage: int = 1
+    """r3gan: residual blocks per resolution stage in G and D (R3GAN's configs use 2-4)."""
+    cardinality: int = 4
+    """r3gan: groups of each residual block's 3x3 conv (ResNeXt cardinality; reduced to a divisor
+    of the block's hidden width where it does not divide it)."""
+    expansion: int = 1
+    """r3gan: hidden width of a residual block as a multiple of its stage's width (R3GAN uses 2)."""
+    mapping_layers: int = 2
+    """stylegan2: FC layers of the mapping network z -> w (8 in StyleGAN2, 2 in its CIFAR config)."""
+    w_dim: int = 128
+    """stylegan2: dimensions of the intermediate latent w (512 in StyleGAN2)."""
 
 
 @dataclass
@@ -422,7 +434,7 @@ CHOICES = {
 # Choices that depend on the kind of run.
 KIND_CHOICES = {
     "vae": {"model.arch": ("conv", "autoencoder_kl")},
-    "gan": {"model.arch": ("dcgan", "mlp"), "optim.lr_decay": ("none", "linear", "cosine")},
+    "gan": {"model.arch": ("dcgan", "mlp", "r3gan", "stylegan2"), "optim.lr_decay": ("none", "linear", "cosine")},
     "paired": {"model.arch": ("pix2pix", "esrgan"), "model.upsample": ("nearest", "pixelshuffle"),
                "loss.adv_loss": ("nonsaturating", "hinge", "relativistic"), "optim.lr_decay": ("none", "linear", "cosine")},
 }

@@ -4,7 +4,7 @@ One file per family of networks, each registering its builders under `model.arch
 models.registry; `build(family, cfg.model, cfg.data)` returns the configured networks.
 Shared layers live in models.blocks.
 """
-from models import autoencoder_kl, dcgan, mlp, rrdb, unet, vae  # noqa: F401 - each registers its architectures
+from models import autoencoder_kl, dcgan, mlp, r3gan, rrdb, stylegan2, unet, vae  # noqa: F401 - each registers its architectures
 from models.autoencoder_kl import AutoencoderKLVAE  # diffusers is imported only when one is built
 from models.dcgan import DCGANDiscriminator, DCGANGenerator
 from models.mlp import MLPDiscriminator, MLPGenerator

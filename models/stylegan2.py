@@ -21,8 +21,9 @@ the output FC; class-conditional as a projection discriminator (logit += <embed(
 sqrt(dim)). Every weight has an equalized learning rate: stored N(0, 1) and scaled by
 1/sqrt(fan_in) at run time.
 
-Widths follow this project's convention: `base` channels at the image's resolution, doubling at
-each halving, capped; the 4x4 stage has the 8x8 stage's width. Per-layer noise is drawn from
+Widths follow DCGAN's here (models.blocks.widths): `base` channels at half the image size,
+doubling at each halving down to 4x4 (capped), and base / 2 at the image size (as StyleGAN's,
+inversely proportional to the resolution). Per-layer noise is drawn from
 `noise_generator` when one is set (a torch.Generator on the output's device), else from torch's
 global generator; `noise_mode="const"` uses fixed per-layer noise buffers, "none" none.
 """
@@ -34,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.r3gan import _labels, fir_filter, stage_widths, upsample2d, downsample2d
+from models.r3gan import downsample2d, fir_filter, require_labels, stage_widths, upsample2d
 from models.registry import register
 
 SQRT2 = math.sqrt(2.0)
@@ -74,7 +75,8 @@ class EqualConv2d(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.randn(out_ch, in_ch, kernel, kernel))
         self.bias = nn.Parameter(torch.zeros(out_ch)) if bias else None
-        self.weight_gain, self.activation, self.padding = 1.0 / math.sqrt(in_ch * kernel * kernel), activation, kernel // 2
+        self.weight_gain = 1.0 / math.sqrt(in_ch * kernel * kernel)
+        self.activation, self.padding = activation, kernel // 2
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.conv2d(x, self.weight * self.weight_gain, self.bias, padding=self.padding)
@@ -160,7 +162,7 @@ class MappingNetwork(nn.Module):
     def forward(self, z: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         x = normalize_2nd_moment(z)
         if self.embed is not None:
-            onehot = F.one_hot(_labels(c, self.num_classes, "generator"), self.num_classes).to(z.dtype)
+            onehot = F.one_hot(require_labels(c, self.num_classes, "generator"), self.num_classes).to(z.dtype)
             x = torch.cat([x, normalize_2nd_moment(self.embed(onehot)).to(x.dtype)], dim=1)
         return self.layers(x)
 
@@ -270,7 +272,7 @@ class StyleGAN2Discriminator(nn.Module):
         feat = self.fc(self.conv(minibatch_stddev(x, self.mbstd_group)).flatten(1))
         logits = self.out(feat).squeeze(1)
         if self.embed is not None:
-            onehot = F.one_hot(_labels(c, self.num_classes, "discriminator"), self.num_classes).to(feat.dtype)
+            onehot = F.one_hot(require_labels(c, self.num_classes, "discriminator"), self.num_classes).to(feat.dtype)
             logits = logits + (self.embed(onehot) * feat).sum(1) / math.sqrt(feat.shape[1])
         return logits
 

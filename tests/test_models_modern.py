@@ -8,13 +8,23 @@ import torch
 import torch.nn.functional as F
 
 from configs.schema import KIND_CHOICES, DataConfig, GANModelConfig
-from models import archs, build
-from models.r3gan import R3GANDiscriminator, R3GANGenerator, ResidualBlock, downsample2d, upsample2d
-from models.stylegan2 import (ModulatedConv2d, StyleGAN2Discriminator, StyleGAN2Generator, minibatch_stddev)
+from models import DCGANGenerator, archs, build
+from models.r3gan import (Conv1x1, DiscriminativeBasis, R3GANDiscriminator, R3GANGenerator, ResidualBlock,
+                          downsample2d, stage_widths, upsample2d)
+from models.stylegan2 import ModulatedConv2d, StyleGAN2Discriminator, StyleGAN2Generator, minibatch_stddev
 from trainers.gan.losses import d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
 from trainers.gan.path_length import path_length_penalty
 
 ARCHS = ("r3gan", "stylegan2")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and steady on a machine shared with other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _nets(arch, size=16, channels=3, num_classes=0, width=8, z_dim=16, seed=0):
@@ -139,6 +149,15 @@ def test_modulated_conv_demodulation_keeps_unit_std():
     assert (per_sample - 1).abs().max() < 0.2
 
 
+def test_upsampling_modulated_conv():
+    torch.manual_seed(0)
+    conv = ModulatedConv2d(64, 32, 3, w_dim=16, up=True)
+    with torch.no_grad():
+        y = conv.modulated(torch.randn(4, 64, 8, 8), torch.randn(4, 64) * 10)
+    # the blur after the transposed conv smooths (std ~0.6, as in StyleGAN2), but the style scale is gone
+    assert y.shape == (4, 32, 16, 16) and 0.4 < y[..., 2:-2, 2:-2].std() < 1.3
+
+
 def test_modulated_conv_equals_per_sample_weights():
     torch.manual_seed(0)
     conv = ModulatedConv2d(6, 5, 3, w_dim=4)
@@ -179,6 +198,19 @@ def test_fir_resampling():
     ref = (x[..., 1::2, :][..., :-1, :] * 0.25 + x[..., 2::2, :] * 0.5 + x[..., 3::2, :] * 0.25)
     ref = ref[..., 1::2][..., :-1] * 0.25 + ref[..., 2::2] * 0.5 + ref[..., 3::2] * 0.25
     assert down.shape == (2, 3, 4, 4) and torch.allclose(down[..., 1:, 1:], ref)
+
+
+def test_conv1x1_gemm_is_a_1x1_convolution():
+    torch.manual_seed(0)
+    conv = Conv1x1(8, 5)
+    x = torch.randn(2, 8, 4, 6)
+    ref = F.conv2d(x, conv.weight)
+    assert torch.allclose(conv(x), ref, atol=1e-6)
+    out_cl = conv(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(out_cl, ref, atol=1e-6) and out_cl.is_contiguous(memory_format=torch.channels_last)
+    basis = DiscriminativeBasis(8)
+    x4 = torch.randn(3, 8, 4, 4)
+    assert torch.allclose(basis(x4), basis.conv(x4).flatten(1), atol=1e-6)
 
 
 def test_stylegan2_noise_inputs():
@@ -250,11 +282,15 @@ def test_a_few_adam_steps_lower_the_d_loss(arch):
 
 
 def test_widths_follow_the_config():
+    # as DCGAN: width at 16x16 (half of 32), doubling to 4x4; half of it at the image size
+    assert stage_widths(8, 32) == [32, 16, 8, 4] and stage_widths(64, 256, cap=512) == [512, 512, 512, 256, 128, 64, 32]
     g, d = _nets("r3gan", 32, 3, width=8)
-    assert g.to_image.in_channels == 8 and d.from_image.out_channels == 8
-    assert g.basis.basis.shape[0] == 32  # 4x4 and 8x8 stages: 8 * 2^2
+    assert g.to_image.in_channels == 4 and d.from_image.out_channels == 4
+    assert g.basis.basis.shape[0] == 32
+    dc = DCGANGenerator(16, 32, 3, 8)
+    assert dc.project[0].out_features == 32 * 16  # DCGAN's 4x4 map has the same width
     g2, d2 = _nets("stylegan2", 32, 3, width=8)
-    assert g2.synthesis.const.shape == (32, 4, 4) and d2.from_image.weight.shape[0] == 8
+    assert g2.synthesis.const.shape == (32, 4, 4) and d2.from_image.weight.shape[0] == 4
     assert g2.num_ws == 2 * 3 + 2
     assert isinstance(g, R3GANGenerator) and isinstance(d, R3GANDiscriminator)
     assert isinstance(g2, StyleGAN2Generator) and isinstance(d2, StyleGAN2Discriminator)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 OPS = ("xflip", "translate", "rotate90", "brightness", "contrast", "saturation", "hue", "cutout")
 COLOR_OPS = ("brightness", "contrast", "saturation", "hue")
@@ -182,7 +181,8 @@ def augment(x: torch.Tensor, p: float, gen: torch.Generator | None, cfg: Adaptiv
             if op == "brightness":
                 t[:, :3, 3] = (_draw(gen, b, dev, "randn") * cfg.brightness_std * m).unsqueeze(1)
             elif op == "contrast":
-                s = torch.where(m, torch.exp2(_draw(gen, b, dev, "randn") * cfg.contrast_std), torch.ones(b, device=dev))
+                s = torch.where(m, torch.exp2(_draw(gen, b, dev, "randn") * cfg.contrast_std),
+                                torch.ones(b, device=dev))
                 t[:, :3, :3] *= s.view(b, 1, 1)
             else:
                 v = _luma_axis(dev, torch.float32)
@@ -193,12 +193,14 @@ def augment(x: torch.Tensor, p: float, gen: torch.Generator | None, cfg: Adaptiv
                     t[:, :3, :3] = vv + (torch.eye(3, device=dev) - vv) * s.view(b, 1, 1)
                 else:  # hue: rotation around the luma axis (Rodrigues)
                     theta = (_draw(gen, b, dev) * 2 - 1) * math.pi * cfg.hue_max * m
-                    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=dev) / math.sqrt(3.0)
+                    cross = torch.tensor([[0.0, -1.0, 1.0], [1.0, 0.0, -1.0], [-1.0, 1.0, 0.0]], device=dev)
+                    cross = cross / math.sqrt(3.0)  # [v]_x, the cross-product matrix of the luma axis
                     cos, sin = torch.cos(theta).view(b, 1, 1), torch.sin(theta).view(b, 1, 1)
                     t[:, :3, :3] = cos * torch.eye(3, device=dev) + sin * cross + (1 - cos) * vv
             mat = t @ mat
         if ch == 3:
-            y = torch.einsum("bij,bjhw->bihw", mat[:, :3, :3].to(x.dtype), x) + mat[:, :3, 3].to(x.dtype).view(b, 3, 1, 1)
+            y = torch.einsum("bij,bjhw->bihw", mat[:, :3, :3].to(x.dtype), x)
+            y = y + mat[:, :3, 3].to(x.dtype).view(b, 3, 1, 1)
         else:  # grey: brightness and contrast only (the matrix is then s * I + t)
             y = x * mat[:, 0, 0].to(x.dtype).view(b, 1, 1, 1) + mat[:, 0, 3].to(x.dtype).view(b, 1, 1, 1)
         x = _select(any_color, y, x)
