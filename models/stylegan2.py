@@ -225,15 +225,17 @@ class StyleGAN2Generator(nn.Module):
 
 def minibatch_stddev(x: torch.Tensor, group_size: int = 4, num_channels: int = 1) -> torch.Tensor:
     """Append `num_channels` feature maps holding the mean (over features and pixels) standard
-    deviation across each group of samples (samples i, i + B/G, ...). The group is the largest
-    divisor of the batch not above group_size."""
+    deviation across each group of samples. The group is the largest divisor of the batch not
+    above group_size, and groups are runs of consecutive samples (StyleGAN2 strides them, i,
+    i + B/G, ...): a batch that concatenates real and generated halves keeps them apart whenever
+    the half is a multiple of the group size."""
     b, c, h, w = x.shape
     g = max(d for d in range(1, min(group_size, b) + 1) if b % d == 0)
     f = num_channels
-    y = x.float().reshape(g, -1, f, c // f, h, w)
-    y = (y - y.mean(dim=0)).square().mean(dim=0).add(1e-8).sqrt()  # (B/G, F, C/F, H, W)
-    y = y.mean(dim=(2, 3, 4)).reshape(-1, f, 1, 1).repeat(g, 1, h, w)
-    return torch.cat([x, y.to(x.dtype)], dim=1)
+    y = x.float().reshape(b // g, g, f, c // f, h, w)
+    y = (y - y.mean(dim=1, keepdim=True)).square().mean(dim=1).add(1e-8).sqrt()  # (B/G, F, C/F, H, W)
+    y = y.mean(dim=(2, 3, 4)).repeat_interleave(g, dim=0)  # (B, F)
+    return torch.cat([x, y.to(x.dtype).view(b, f, 1, 1).expand(b, f, h, w)], dim=1)
 
 
 class DiscriminatorBlock(nn.Module):

@@ -184,6 +184,10 @@ def test_minibatch_stddev_sees_batch_diversity():
         b = d(torch.cat([x0, torch.rand(3, 3, 16, 16) * 2 - 1]))[0]
     assert (a - b).abs() > 1e-4  # the first sample's logit depends on the rest of its group
     assert minibatch_stddev(torch.randn(6, 8, 4, 4)).shape == (6, 9, 4, 4)  # group 3 for a batch of 6
+    # groups are consecutive samples: concatenated real and fake halves do not mix
+    real, fake = same, torch.randn(4, 8, 4, 4)
+    extra = minibatch_stddev(torch.cat([real, fake]))[:, -1, 0, 0]
+    assert extra[:4].abs().max() < 1e-3 and extra[4:].min() > 0.5
 
 
 def test_fir_resampling():
