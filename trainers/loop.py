@@ -37,6 +37,10 @@ class TrainingDiverged(RuntimeError):
     """Non-finite steps in a row and no checkpoint to roll back to."""
 
 
+class CheckpointFailed(RuntimeError):
+    """The last checkpoint of a run (its end, or after a preemption signal) could not be written."""
+
+
 def train(cfg: DictConfig) -> int:
     """Run (or resume) the configured training; returns the process exit code."""
     run = Run(cfg)
@@ -59,7 +63,9 @@ def train(cfg: DictConfig) -> int:
                 continue
             preempted = any_rank(run.stop.requested, run.dist.device)
             if step % trainer.ckpt_every == 0 or last or preempted or best:
-                run.checkpoint(best)
+                if not run.checkpoint(best) and (last or preempted):
+                    raise CheckpointFailed(f"step {step}: the final checkpoint could not be written "
+                                           f"({run.checkpointer.last_error}); the latest is {run.checkpointer.latest()}")
             if preempted:
                 exit_code = run.stop_for_requeue()
                 break
@@ -155,19 +161,25 @@ class Run:
         self.quality, best = self.live.measure(self.task, self.clock)  # logged with this step's scalars
         return best
 
-    def checkpoint(self, best: bool = False) -> None:
+    def checkpoint(self, best: bool = False) -> bool:
         """All ranks write the checkpoint, unless some weights are non-finite (then none does);
-        `best`: it also becomes checkpoints/best."""
+        `best`: it also becomes checkpoints/best. False when nothing was written: a failed write
+        (a full disk) leaves the previous checkpoint the latest, and the next cadence tries again."""
         if not weights_finite(self.dist.device, [e.module for e in self.task.engines.values()]):
             self.say(f"step {self.clock.step}: non-finite weights, checkpoint NOT written")
-            return
+            return False
         meta = {"kind": self.cfg.kind, "precision": self.precision, "config": to_yaml(self.cfg),
                 "wandb_id": self.logger.run_id}
         path = self.checkpointer.save(self.clock.step, self.task.engines, rank_state(self.task, self.clock, self.data),
                                       self.task.weights(), meta)
+        if path is None:
+            self.say(f"step {self.clock.step}: checkpoint NOT written ({self.checkpointer.last_error}); the latest "
+                     f"is still {self.checkpointer.latest()}; the next checkpoint tries again")
+            return False
         if best:
             self.checkpointer.keep_as_best(path, self.live.best_record(self.clock.step))
         self.rollbacks_in_row = 0
+        return True
 
     def roll_back(self) -> None:
         """After too many non-finite steps in a row: back to the last checkpoint, with its data position."""

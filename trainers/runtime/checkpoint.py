@@ -34,6 +34,16 @@ DS_TAG = "state"
 BEST, BEST_RECORD = "best", "BEST.json"
 
 
+def _write_error(err: Exception, root: Path) -> str:
+    """One line: what failed, and how much room the checkpoint's filesystem has left."""
+    text = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    try:
+        free = shutil.disk_usage(root).free / 2**20
+        return f"{text}; {free:.1f} MiB free on the checkpoint filesystem"
+    except OSError:
+        return text
+
+
 def _atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -45,6 +55,7 @@ class Checkpointer:
 
     def __init__(self, root: Path, dist_info: DistInfo, keep: int):
         self.root, self.dist, self.keep = Path(root), dist_info, keep
+        self.last_error: str | None = None  # why the last save failed
 
     # ---- finding checkpoints -------------------------------------------------------------
     def complete_checkpoints(self) -> list[Path]:
@@ -66,29 +77,55 @@ class Checkpointer:
         return latest_complete(self.root)
 
     # ---- saving ---------------------------------------------------------------------------
-    def save(self, step: int, engines: dict, rank_state: dict, weights: dict[str, torch.Tensor], meta: dict) -> Path:
-        """Write a checkpoint for `step`; returns its final path."""
+    def save(self, step: int, engines: dict, rank_state: dict, weights: dict[str, torch.Tensor],
+             meta: dict) -> Path | None:
+        """Write a checkpoint for `step`; returns its final path, or None when a write failed on
+        some rank (a full disk, a quota): then the partial directory is removed, `latest` still
+        names the previous checkpoint, and `self.last_error` says what failed."""
         started = time.perf_counter()
         final = self.root / f"step-{step:07d}"
         partial = final.with_name(final.name + ".partial")
-        if self.dist.is_main:
-            shutil.rmtree(partial, ignore_errors=True)
-            partial.mkdir(parents=True)
+        self.last_error = None
+        try:
+            if self.dist.is_main:
+                shutil.rmtree(partial, ignore_errors=True)
+                partial.mkdir(parents=True)
+        except OSError as err:
+            self.last_error = _write_error(err, self.root)
         barrier()
-        for name, engine in engines.items():
-            # Separate save_dir per engine: two engines in one directory overwrite each other's files.
-            engine.save_checkpoint(str(partial / name), tag=DS_TAG, save_latest=False)
-        torch.save(rank_state, partial / f"trainer-rank{self.dist.rank:05d}.pt")
-        if self.dist.is_main:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()},
-                      str(partial / "weights.safetensors"), metadata={"step": str(step)})
-        barrier()
+        try:
+            if self.last_error is None and (partial.is_dir()):
+                for name, engine in engines.items():
+                    # Separate save_dir per engine: two engines in one directory overwrite each other's files.
+                    engine.save_checkpoint(str(partial / name), tag=DS_TAG, save_latest=False)
+                torch.save(rank_state, partial / f"trainer-rank{self.dist.rank:05d}.pt")
+                if self.dist.is_main:
+                    save_file({k: v.detach().float().cpu().contiguous() for k, v in weights.items()},
+                              str(partial / "weights.safetensors"), metadata={"step": str(step)})
+            elif self.last_error is None:
+                self.last_error = "the checkpoint directory could not be created"
+        except (OSError, RuntimeError) as err:  # ENOSPC, EDQUOT, EIO (torch.save's zip writer reports a
+            self.last_error = _write_error(err, self.root)  # short write as RuntimeError): this checkpoint is lost
+        if any_rank(self.last_error is not None, self.dist.device):
+            if self.dist.is_main:
+                shutil.rmtree(partial, ignore_errors=True)
+                self.last_error = self.last_error or "a write failed on another rank"
+            barrier()
+            return None
         if self.dist.is_main:
             files = file_digests(partial)
             meta = {**meta, "step": step, "world_size": self.dist.world_size, "saved_at": time.time(),
                     "seconds": round(time.perf_counter() - started, 3),
                     "megabytes": round(sum(size for size, _ in files.values()) / 2**20, 3), "files": files}
-            (partial / COMPLETE).write_text(json.dumps(meta, indent=1))
+            try:
+                (partial / COMPLETE).write_text(json.dumps(meta, indent=1))
+            except OSError as err:
+                self.last_error = _write_error(err, self.root)
+                shutil.rmtree(partial, ignore_errors=True)
+        if any_rank(self.last_error is not None, self.dist.device):
+            self.last_error = self.last_error or "a write failed on another rank"
+            return None
+        if self.dist.is_main:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
