@@ -9,6 +9,9 @@ Reading them (shard bytes -> this rank's and worker's samples -> decode -> batch
 
 - ``data_shards.specs``: ``resolve_shards`` (directory, brace pattern, glob, URL, list ->
   shard URLs) and ``find_manifest``.
+- ``data_shards.remote``: shards from ``https://``, ``s3://`` and ``pipe:``, streamed with
+  read-ahead, retried and resumed where they stopped (the forms of ``data.shards`` it reads
+  are in its docstring).
 - ``data_shards.tars``: ``read_shard`` and the bulk index of plain local tars (``ShardTable``,
   whose samples are records: tuples of ``Record``'s fields).
 - ``data_shards.decode``: bytes -> images, labels and points (fast decoders, PIL fallback).

@@ -2,10 +2,12 @@
 
 The forms of ``data.shards`` (braces expand to one URL per shard, as for local paths):
 
-* ``https://HOST/path/shard-{000000..000999}.tar`` (or ``http://``). A URL ending in ``/``
-  (``https://HOST/path/``) means the shards its ``manifest.json`` lists.
-* ``s3://BUCKET/prefix/shard-{000000..000999}.tar``. A URL ending in ``/`` means every
-  ``.tar`` object directly under that prefix, in name order (like a local directory).
+* ``https://HOST/path/shard-{000000..000999}.tar`` (or ``http://``). A folder URL
+  (``https://HOST/path/``, or any whose last part has no ``.``) means the shards its
+  ``manifest.json`` lists.
+* ``s3://BUCKET/prefix/shard-{000000..000999}.tar``. A folder URL (``s3://BUCKET/prefix/`` or
+  ``s3://BUCKET/prefix``) means every ``.tar`` object directly under that prefix, in name
+  order (like a local directory).
   Credentials, region and endpoint come from boto3's usual chain (``AWS_ACCESS_KEY_ID`` /
   ``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, ``~/.aws/credentials`` and ``config``,
   ``AWS_DEFAULT_REGION``, ``AWS_ENDPOINT_URL``); ``GENTRAIN_S3_ENDPOINT`` sets the endpoint of an
@@ -602,8 +604,13 @@ def find_manifest(first_shard: str) -> dict | None:
 
 
 def is_remote_directory(url: str) -> bool:
-    """An ``http(s)://`` or ``s3://`` URL naming a folder of shards (it ends in ``/``)."""
-    return scheme(url) in ("http", "https", "s3") and urlsplit(url).path.endswith("/") and "?" not in url
+    """An ``http(s)://`` or ``s3://`` URL naming a folder of shards: its path ends in ``/``, or
+    its last part has no ``.`` (``s3://bucket/digits``, like a local directory), and it has no
+    query (a presigned URL names one object)."""
+    if scheme(url) not in ("http", "https", "s3") or "?" in url:
+        return False
+    path = urlsplit(url).path
+    return path.endswith("/") or "." not in path.rsplit("/", 1)[-1]
 
 
 def directory_shards(url: str) -> list[str]:
@@ -614,6 +621,7 @@ def directory_shards(url: str) -> list[str]:
     Raises:
         FileNotFoundError: no shard there, no manifest (HTTP), or the place is unreachable.
     """
+    url = url if url.endswith("/") else url + "/"
     if scheme(url) == "s3":
         try:
             bucket, prefix = split_s3(url)

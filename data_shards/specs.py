@@ -5,8 +5,9 @@ A spec is a directory (its ``*.tar`` files, sorted), a brace pattern such as
 (or OmegaConf ListConfig) of any of these. Remote URLs (data_shards.remote) are
 ``https://HOST/path/shard-{000000..000999}.tar``, ``s3://BUCKET/prefix/shard-{...}.tar`` and
 ``pipe:COMMAND``, passed through unchecked once their braces are expanded; an ``http(s)://``
-or ``s3://`` URL ending in ``/`` is a remote folder (the shards its manifest.json lists; for
-``s3://``, the ``.tar`` objects under the prefix). Other schemes go to webdataset's ``gopen``.
+or ``s3://`` URL ending in ``/`` (or whose last part has no ``.``) is a remote folder (the
+shards its manifest.json lists; for ``s3://``, the ``.tar`` objects under the prefix). Other
+schemes go to webdataset's ``gopen``.
 """
 
 from __future__ import annotations

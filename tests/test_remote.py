@@ -202,6 +202,10 @@ def test_http_manifest_and_folder_forms(digits):
     with ShardServer(digits) as server:
         assert resolve_shards(server.url(BRACES)) == [server.url(f"shard-{i:06d}.tar") for i in range(N_SHARDS)]
         assert resolve_shards(server.url()) == resolve_shards(server.url(BRACES))  # from its manifest.json
+        (digits / "sub").mkdir(exist_ok=True)
+        (digits / "sub" / "manifest.json").write_text((digits / "manifest.json").read_text())
+        (digits / "sub" / "shard-000000.tar").write_bytes((digits / "shard-000000.tar").read_bytes())
+        assert resolve_shards(server.url("sub"))[0] == server.url("sub/shard-000000.tar")
         assert find_manifest(server.url(BRACES)) == read_manifest(digits)
         assert find_manifest(server.url("nowhere/shard-000000.tar")) is None  # 404: no manifest
         with pytest.raises(FileNotFoundError, match="no manifest.json"):
@@ -314,6 +318,7 @@ def test_build_to_s3_then_stream_from_it(s3, digits, monkeypatch):
         f"shard-{i:06d}.tar" for i in range(N_SHARDS)])
     assert read_manifest("s3://gentrain/digits") == manifest
     assert resolve_shards("s3://gentrain/digits/") == [f"s3://gentrain/digits/shard-{i:06d}.tar" for i in range(8)]
+    assert resolve_shards("s3://gentrain/digits") == resolve_shards("s3://gentrain/digits/")
     assert find_manifest(f"s3://gentrain/digits/{BRACES}") == manifest
 
     # An S3 response cut short: retried with a Range request (and If-Match), batches as local.
