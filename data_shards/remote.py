@@ -44,10 +44,10 @@ Failures, per shard (``ShardChunks``):
 Every retry and every give-up prints one line to stderr (``[gentrain] data: ...``) and is
 counted in ``COUNTS`` (this process: ``retries``, ``resumed``, ``gave_up``).
 
-Environment: ``GENTRAIN_REMOTE_RETRIES`` (5), ``GENTRAIN_REMOTE_BACKOFF`` (seconds before the
-first retry, 0.5; doubling, at most ``GENTRAIN_REMOTE_MAX_BACKOFF``, 8; each wait drawn
-between half and all of it), ``GENTRAIN_REMOTE_TIMEOUT`` (socket timeout and a command's
-longest silence, 30 s).
+Environment: ``GENTRAIN_REMOTE_RETRIES`` (6), ``GENTRAIN_REMOTE_BACKOFF`` (seconds before the
+first retry, 0.5; doubling, at most ``GENTRAIN_REMOTE_MAX_BACKOFF``, 16; each wait drawn
+between half and all of it: 6 retries span 16-32 s), ``GENTRAIN_REMOTE_TIMEOUT`` (socket
+timeout and a command's longest silence, 30 s).
 """
 
 from __future__ import annotations
@@ -98,9 +98,9 @@ def scheme(url: str) -> str | None:
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    retries: int = 5
+    retries: int = 6
     backoff: float = 0.5
-    max_backoff: float = 8.0
+    max_backoff: float = 16.0
     timeout: float = 30.0
 
     @classmethod
