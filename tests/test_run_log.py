@@ -1,6 +1,8 @@
 """metrics.jsonl across restarts: the curve the weights followed, each step once, nothing lost."""
 import json
 
+import pytest
+
 from omegaconf import OmegaConf
 
 from trainers.runtime.run_log import RunLogger, discard_metrics_after
@@ -37,3 +39,19 @@ def test_a_logger_resumed_at_a_step_continues_the_curve_from_there(tmp_path, cap
     RunLogger(cfg, tmp_path, enabled=True, start_step=0).close()
     assert steps_in(tmp_path / "metrics.jsonl") == []
     assert steps_in(tmp_path / "metrics.discarded.jsonl") == [4, 5, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_online_wandb_without_a_route_falls_back_to_offline_and_trains(tmp_path, digit_shards):
+    from tests.conftest import run_gentrain
+
+    run = tmp_path / "run"
+    proc = run_gentrain("train", "configs/vae_digits.yaml", f"run.dir={run}", f"data.shards={digit_shards}",
+                        "wandb.mode=online", "trainer.max_steps=4", "trainer.log_every=2", "trainer.progress=false",
+                        "data.batch_size=16", "model.base_channels=8",
+                        env={"WANDB_MODE": "online", "WANDB_API_KEY": "0" * 40,
+                             "WANDB_BASE_URL": "http://127.0.0.1:9",  # nothing listens there: no route to W&B
+                             "GENTRAIN_WANDB_INIT_TIMEOUT": "5"})
+    assert "W&B online unavailable" in proc.stdout and "wandb sync" in proc.stdout
+    assert list((run / "wandb").glob("offline-run-*"))
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2

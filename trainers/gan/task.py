@@ -125,6 +125,8 @@ class GANTask:
         self.ema = EMA(self.g.module, cfg.loss.ema_halflife_kimg, cfg.loss.ema_rampup) \
             if cfg.loss.ema_halflife_kimg > 0 else None
         self.noise = torch.Generator(device=dist_info.device).manual_seed(cfg.run.seed * 1000 + dist_info.rank)
+        if hasattr(self.g.module, "noise_generator"):  # StyleGAN2's per-layer noise: from the saved stream
+            self.g.module.noise_generator = self.noise  # (the EMA copy, made above, samples from torch's own)
         fixed = torch.Generator().manual_seed(cfg.run.seed)
         self.fixed_z = torch.randn(64 if m_is_image(cfg) else 2500, cfg.model.z_dim, generator=fixed).to(dist_info.device)
         self.num_classes = int(cfg.model.num_classes)  # 0: unconditional

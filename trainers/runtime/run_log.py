@@ -106,23 +106,43 @@ def _plain(value):
     return float(value) if isinstance(value, (np.floating, np.integer)) else value
 
 
+ONLINE_INIT_TIMEOUT_S = 30.0  # how long an online W&B start may take before the run logs offline instead
+
+
 def _init_wandb(cfg: DictConfig, run_dir: Path):
-    """Start (or continue) the W&B run; its id is kept in the run directory so a resume reuses it."""
+    """Start (or continue) the W&B run; its id is kept in the run directory so a resume reuses it.
+
+    Online, a W&B server that cannot be reached (no route, no API key, a proxy) must not stop
+    the training: after one line saying so, the run logs offline and can be synced later."""
     os.environ.setdefault("WANDB_SILENT", "true")
     import wandb
 
     id_file = run_dir / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
-    return wandb.init(
-        project=cfg.wandb.project,
-        entity=cfg.wandb.entity,
-        name=cfg.run.name,
-        id=run_id,
-        resume="allow",
-        dir=str(run_dir),
-        mode=cfg.wandb.mode,
-        tags=list(cfg.wandb.tags),
-        config=OmegaConf.to_container(cfg, resolve=True),
-        settings=wandb.Settings(console="off", x_disable_stats=True),
-    )
+
+    def start(mode: str, **settings):
+        return wandb.init(
+            project=cfg.wandb.project,
+            entity=cfg.wandb.entity,
+            name=cfg.run.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            mode=mode,
+            tags=list(cfg.wandb.tags),
+            config=OmegaConf.to_container(cfg, resolve=True),
+            settings=wandb.Settings(console="off", x_disable_stats=True, **settings),
+        )
+
+    if cfg.wandb.mode != "online":
+        return start(cfg.wandb.mode)
+    timeout = float(os.environ.get("GENTRAIN_WANDB_INIT_TIMEOUT", ONLINE_INIT_TIMEOUT_S))
+    try:
+        return start("online", init_timeout=timeout)
+    except Exception as err:  # noqa: BLE001 - any failure to reach W&B: keep training, log offline
+        reason = " ".join(str(err).split())[:160] or type(err).__name__
+        print(f"[gentrain] W&B online unavailable ({reason}): logging offline to {run_dir / 'wandb'}; upload it "
+              f"later with: wandb sync {run_dir / 'wandb'}/offline-run-*", flush=True)
+        wandb.teardown()  # the failed attempt still holds the run id in W&B's service process
+        return start("offline")
