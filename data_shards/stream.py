@@ -54,7 +54,15 @@ from data_shards.options import StreamOptions
 from data_shards.samples import PairDecoder, SampleDecoder, sample_kind
 from data_shards.slabs import SlabTransport
 from data_shards.specs import find_manifest, resolve_shards  # noqa: F401
-from data_shards.tars import RECORD_KEY, RECORD_URL, ShardTable, read_shard, shard_samples  # noqa: F401
+from data_shards.tars import (  # noqa: F401
+    RECORD_KEY,
+    RECORD_URL,
+    ShardTable,
+    drop_prefetched,
+    prefetch,
+    read_shard,
+    shard_samples,
+)
 
 _FROM_LOADER = ("make_loader", "batch_to_float")
 
@@ -269,8 +277,18 @@ class ShardStream(IterableDataset):
         return chain.from_iterable(self._shard_parts(shards, slot.index, slot.count, interleave, stats, count))
 
     def _shard_parts(self, shards, slot, num_slots, interleave, stats, count) -> Iterator[Iterable]:
-        """Per shard, the iterable of this slot's samples in it (see _raw_samples)."""
-        for k, url in shards:
+        """Per shard, the iterable of this slot's samples in it (see _raw_samples). A remote
+        shard's next one starts arriving while it is read (data_shards.tars.prefetch)."""
+        try:
+            yield from self._shard_sources(shards, slot, num_slots, interleave, stats, count)
+        finally:  # the pass stopped early (its end, a resume's skip, a closed loader): no reader left behind
+            for _, url in shards:
+                drop_prefetched(url)
+
+    def _shard_sources(self, shards, slot, num_slots, interleave, stats, count) -> Iterator[Iterable]:
+        for i, (k, url) in enumerate(shards):
+            if i + 1 < len(shards):
+                prefetch(shards[i + 1][1])
             try:
                 source = shard_samples(url)
             except ShardError as exn:

@@ -94,7 +94,8 @@ def _dict_samples(url: str, scanned: tuple[bytes, list] | None) -> Iterator[dict
         yield from _span_samples(url, buf, members)
         return
     if remote.scheme(url) is not None:  # http(s)://, s3://, pipe: (data_shards.remote)
-        chunks = remote.ShardChunks(url)
+        ahead = _PREFETCHED.pop(url, None)
+        chunks = ahead[1] if ahead is not None and ahead[0] == os.getpid() else remote.ShardChunks(url)
         try:
             for part in _stream_samples(url, chunks):
                 yield from part
@@ -107,6 +108,24 @@ def _dict_samples(url: str, scanned: tuple[bytes, list] | None) -> Iterator[dict
         raise ShardError(UNREADABLE_SHARD, url, str(exn)) from None
     with closing(stream):
         yield from _group_members(url, _tarfile_members(url, stream))
+
+
+_PREFETCHED: dict[str, tuple[int, "remote.ShardChunks"]] = {}  # url -> (pid, reader started ahead)
+
+
+def prefetch(url: str) -> None:
+    """Start reading a remote shard (its first read-ahead chunks) for the next
+    ``shard_samples(url)`` of this process; local shards are left alone. A shard that is not
+    read after all must be dropped (:func:`drop_prefetched`)."""
+    if remote.scheme(url) is not None and url not in _PREFETCHED:
+        _PREFETCHED[url] = (os.getpid(), remote.ShardChunks(url))
+
+
+def drop_prefetched(url: str) -> None:
+    """Stop and forget the reader :func:`prefetch` started for ``url``, if it was not used."""
+    ahead = _PREFETCHED.pop(url, None)
+    if ahead is not None and ahead[0] == os.getpid():
+        ahead[1].close()
 
 
 def _span_samples(url: str, buf: bytes, members) -> list[dict]:

@@ -387,7 +387,8 @@ def assert_same_weights(reference: Path, run_dir: Path) -> None:
 def test_two_process_run_from_http_ends_with_the_local_weights(local_reference, digit_shards, tmp_path, faulty):
     """2 trainers x 1 loader worker from http://127.0.0.1:PORT/shard-{...}.tar; 'dropping': every
     shard's first response is cut (closed at 30%, or a 503 first), its second cut again (a reset
-    half-way through the rest, or closed at 60%): each drop is retried and resumed, once."""
+    half-way through the rest, or closed at 60%): each drop is retried and resumed where it stopped,
+    and the weights are the local run's bit for bit (nothing valid counted twice or skipped)."""
     from tests.conftest import run_gentrain
     from tests.test_resilience import launch_args
 
@@ -404,7 +405,9 @@ def test_two_process_run_from_http_ends_with_the_local_weights(local_reference, 
           f"weights equal to the local run's")
     assert "giving up" not in proc.stderr
     if faulty:
-        assert server.drops >= 2 and retries == server.drops + refused
+        # Each cut or refused response was retried once, but those of a shard read ahead and not
+        # reached before the run's end (at most one per loader worker) may go unseen.
+        assert server.drops >= 2 and server.drops + refused - 2 <= retries <= server.drops + refused
     else:
         assert retries == 0 and server.drops == 0
 
