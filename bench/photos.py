@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gentrain" / "torch_extensions"))
     args.work.mkdir(parents=True, exist_ok=True)
     train, test = build_data(args.work)
     from trainers.judge.extractors import fit_domain_extractor, get_extractor

@@ -239,3 +239,22 @@ def test_the_sbatch_script_requeues_only_when_every_node_checkpointed(tmp_path, 
     assert (tmp_path / "requeued").exists() == requeued, proc.stdout
     if rc not in (0, 75):
         assert "not requeued" in proc.stdout
+
+
+def test_a_stale_extension_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """A build killed with -9 leaves torch's file lock behind; every later process-group init
+    would wait on it forever."""
+    import os
+    import time
+
+    from trainers.runtime.distributed import STALE_BUILD_LOCK_S, clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    stale, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "other_op" / "lock"
+    for lock in (stale, fresh):
+        lock.parent.mkdir(parents=True)
+        lock.touch()
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    os.utime(stale, (old, old))
+    assert clear_stale_build_locks() == [stale]
+    assert not stale.exists() and fresh.exists()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -41,6 +43,29 @@ def _fill_env_from_slurm() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
+STALE_BUILD_LOCK_S = 600  # DeepSpeed's C++ op builds take 45-100 s here; a lock this old is an orphan
+
+
+def clear_stale_build_locks() -> list[Path]:
+    """Remove torch's extension-build locks left by a process killed mid-build.
+
+    DeepSpeed JIT-builds its shm comm op on every process-group init under a file lock
+    (torch.utils.file_baton); a build killed with -9 leaves the lock behind, and every later
+    run waits on it forever, silently. A lock older than any real build is removed, with a line."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    removed = []
+    for lock in root.glob("*/*/lock") if root.is_dir() else ():
+        try:
+            if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
+                lock.unlink()
+                removed.append(lock)
+                print(f"[gentrain] removed a stale extension-build lock {lock} (left by a build that was killed)",
+                      flush=True)
+        except OSError:
+            pass  # another process removed it first
+    return removed
+
+
 def init_distributed() -> DistInfo:
     """Join (or create) the process group: gloo on CPU, nccl on CUDA."""
     import deepspeed  # deferred: importing deepspeed is slow and prints accelerator banners
@@ -57,6 +82,7 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
+        clear_stale_build_locks()
         deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
