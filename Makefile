@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/gentrain/torch_extensions
 export WANDB_MODE ?= offline
 
-.PHONY: install demo test test-quick test-slurm test-multinode bench bench-vae clean
+.PHONY: install demo test test-quick test-slurm test-multinode test-report bench bench-vae clean
 
 install: $(VENV)/.installed
 
@@ -39,6 +39,14 @@ test-slurm: install
 test-multinode: install
 	@[ "$$(id -u)" = 0 ] || { echo "make test-multinode needs root (it creates network namespaces)"; exit 1; }
 	$(PY) -m pytest -m multinode -s tests/test_multinode.py $(PYTEST_ARGS)
+
+# `gentrain report` and its page in a real headless Chromium (Debian's package, installed here when
+# root; without it the browser test is skipped with the reason).
+test-report: install
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; } || \
+	  echo "chromium not installed: the report's browser test will be skipped"
+	$(PY) -m pytest tests/test_report.py $(PYTEST_ARGS)
 
 bench: install
 	$(PY) -m bench.run

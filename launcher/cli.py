@@ -406,6 +406,19 @@ def cmd_translate(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from trainers.judge.report import build_report, claims_text
+    from data_shards.build import parse_labels
+
+    anomaly = sorted(parse_labels(args.anomaly_labels)) if args.anomaly_labels else None
+    report = build_report(args.run_dirs, args.out, shards=args.shards, n=args.num_samples, extractor=args.extractor,
+                          seed=args.seed, k=args.k, anomaly=anomaly, wandb=args.wandb,
+                          command="gentrain " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["report"] else None)
+    print(claims_text(report.claims))
+    print(f"wrote {report.path} ({len(report.runs)} runs, {report.seconds:.0f} s; numbers in {report.json_path})")
+    return 0
+
+
 # ---- parser ---------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gentrain", description="Train VAEs and GANs on sharded images with DeepSpeed.",
@@ -540,6 +553,30 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.set_defaults(func=cmd_evaluate)
 
+    report = sub.add_parser("report", help="one self-contained HTML page comparing VAE and GAN runs on the same images",
+                            description="Measures every run on the same reference images (FD/KID, precision/recall, "
+                                        "per-class coverage, sharpness, latent paths, VAE likelihood/reconstructions/"
+                                        "anomaly AUROC), reads stability and cost from metrics.jsonl, and writes one "
+                                        "HTML file (images embedded, no network) with the claims table "
+                                        "'claim | measured | holds?', plus the numbers as JSON beside it.")
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", required=True, help="report.html (its numbers and claims go to report.json beside it)")
+    report.add_argument("--shards", default=None,
+                        help="reference (held-out) shards every run is measured on (default: the first run's data.shards)")
+    report.add_argument("--n", "--num-samples", dest="num_samples", type=int, default=500,
+                        help="reference images, and samples per run (default 500)")
+    report.add_argument("--extractor", default="random", help="features for FD/KID/PR/DC, as for evaluate: random, "
+                        "domain or inception:PATH")
+    report.add_argument("--k", type=int, default=8, help="importance samples for the VAE's likelihood bound")
+    report.add_argument("--anomaly-labels", default=None,
+                        help="labels the VAE should flag as anomalies, e.g. 9 (default: the reference's labels the "
+                             "VAE's training shards lack, else the last label, marked as a proxy)")
+    report.add_argument("--wandb", choices=["auto", "offline", "online", "disabled"], default="auto",
+                        help="log the table and figures to a new W&B run under the report's folder (auto: when the "
+                             "runs logged to W&B, offline unless one was online)")
+    report.add_argument("--seed", type=int, default=0)
+    report.set_defaults(func=cmd_report)
+
     anomaly = sub.add_parser("anomaly", help="VAE anomaly scores per sample (scores.csv) and AUROC")
     anomaly.add_argument("run_dir")
     anomaly.add_argument("--shards", required=True)
@@ -567,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(err).splitlines()[0] if str(err) else type(err).__name__)
     except ValueError as err:  # builders raise ValueError for bad sources / sizes
         if getattr(args, "command", None) in ("shards", "sample", "export", "evaluate", "anomaly", "encode",
-                                              "translate"):
+                                              "translate", "report"):
             return _fail(str(err).splitlines()[0])
         raise
 
