@@ -171,14 +171,16 @@ def to_markdown(results: dict) -> str:
                   "of per-round ratios; load average "
                   f"{[round(x, 2) for x in remote['load_avg_at_start']]} at start, "
                   f"{[round(x, 2) for x in remote['load_avg_at_end']]} at end)", "",
-                  "| size | loader workers | local disk images/s | HTTP images/s | HTTP / local |",
-                  "|---:|---:|---:|---:|---|"]
+                  "| size | loader workers | local disk images/s | HTTP images/s | HTTP / local | "
+                  "HTTP / local per CPU second (incl. server) |",
+                  "|---:|---:|---:|---:|---|---:|"]
         for size, by_workers in remote["configs"].items():
             for workers, r in by_workers.items():
                 ratio = (_meets("remote_http_vs_local_256", r["http_vs_local"]) if size == "256"
                          else f"{r['http_vs_local']:.2f}")
+                per_cpu = f"{r['cpu_http_vs_local']:.2f}" if r.get("cpu_http_vs_local") else "-"
                 lines.append(f"| {size} | {workers.split('_')[1]} | {r['images_per_s']['local']:.0f} | "
-                             f"{r['images_per_s']['http']:.0f} | {ratio} |")
+                             f"{r['images_per_s']['http']:.0f} | {ratio} | {per_cpu} |")
         lines.append("")
     for part, info in results.get("runs", {}).items():
         if info.get("command") != results["command"]:
