@@ -323,7 +323,7 @@ class ShardStream(IterableDataset):
         # counts summed over slots match what is in the data.
         if k % num_slots == slot:
             count(exn.reason)
-            stats.last_error = " ".join(str(exn).split())[:300]  # one line
+        stats.last_error = " ".join(str(exn).split())[:300]  # one line, for NoValidSamples' message
 
 
 def _describe(shards: list[tuple[int, str]], limit: int = 3) -> str:
