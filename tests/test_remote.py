@@ -19,7 +19,14 @@ from data_shards.build import build_shards, read_manifest
 from data_shards.errors import TRUNCATED_TAR, UNREADABLE_SHARD, NoValidSamples, ShardError
 from data_shards.specs import find_manifest, resolve_shards
 from data_shards.stream import ShardStream, make_loader
-from data_shards.tars import _group_members, _stream_members, _stream_samples, _tarfile_members, record_sample
+from data_shards.tars import (
+    _group_members,
+    _stream_members,
+    _stream_samples,
+    _tarfile_members,
+    read_shard,
+    record_sample,
+)
 
 N_SHARDS = 8
 BRACES = "shard-{000000..000007}.tar"
@@ -208,6 +215,8 @@ def test_http_manifest_and_folder_forms(digits):
         assert resolve_shards(server.url("sub"))[0] == server.url("sub/shard-000000.tar")
         assert find_manifest(server.url(BRACES)) == read_manifest(digits)
         assert find_manifest(server.url("nowhere/shard-000000.tar")) is None  # 404: no manifest
+        strip = lambda samples: [{k: v for k, v in s.items() if k != "__url__"} for s in samples]  # noqa: E731
+        assert strip(read_shard(server.url("shard-000003.tar"))) == strip(read_shard(str(digits / "shard-000003.tar")))
         with pytest.raises(FileNotFoundError, match="no manifest.json"):
             resolve_shards(server.url("nowhere/"))
 
