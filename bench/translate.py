@@ -4,12 +4,14 @@
     python -m bench.translate --minutes 4 --task sr   # a short run of one task
 
 For each task the preset (configs/sr4_photos.yaml, configs/edges2photo.yaml) is trained twice,
-with its adversarial term (GAN) and with loss.adv_weight=0 (pixel-only), for the same number of
-steps: the steps that fit `--minutes` at the GAN run's speed, measured first in a short
-calibration run (the preset's adv_start_step is kept as the same fraction of the steps). A run
-still going when its budget is spent is stopped with SIGTERM (it checkpoints and exits 75) and
-judged as it is. Then, on the held-out pairs (`--split test` shards: crops from a block of each
-photo that the training crops never touch), with the EMA generators:
+with its adversarial term (GAN) and with loss.adv_weight=0 (pixel-only), each for `--minutes` of
+wall time (start-up included): the run is started with a step count it cannot reach and stopped
+with SIGTERM when its budget is spent (it checkpoints at the step boundary and exits 75), then
+judged as it is; the table says how many steps each got. On a shared machine the speed swings,
+so steps per budget do too. The preset's adv_start_step (a pixel-only warm-up, sized for its
+20-minute schedule) is kept with --minutes >= 20 and scaled by minutes/20 below that, unless
+--adv-start says otherwise. Then, on the held-out pairs (`--split test` shards: crops from a block
+of each photo that the training crops never touch), with the EMA generators:
 
 - super-resolution: PSNR and SSIM (trainers.judge.metrics) of bicubic upsampling (PIL), the
   pixel-only model and the GAN model against the true 64x64 crops, and each one's Frechet
@@ -83,21 +85,11 @@ def train(preset: str, run_dir: Path, overrides: list[str], budget_s: float | No
     if proc.returncode not in (0, 75):
         raise SystemExit(f"training {run_dir} failed (exit {proc.returncode}); see {log.name}")
     lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    steps = max((x["step"] for x in lines), default=0)
+    latest = run_dir / "checkpoints" / "latest"
+    steps = int(latest.read_text().strip().split("-")[-1]) if latest.exists() else 0  # the step judged
     rates = [x["samples_per_sec"] for x in lines[1:] if "samples_per_sec" in x]
     return {"wall_s": seconds, "steps": steps, "stopped_by_budget": stopped,
             "samples_per_sec_median": statistics.median(rates) if rates else None}
-
-
-def calibrate(spec: dict, run_root: Path, steps: int = 16) -> float:
-    """Seconds per step of the preset with its adversarial term on from step 0 (logs after the first)."""
-    info = train(spec["preset"], run_root / "calibrate", [f"trainer.max_steps={steps}", "trainer.log_every=4",
-                                                          "loss.adv_start_step=0", f"trainer.ckpt_every={steps}",
-                                                          f"trainer.sample_every={steps}"], None)
-    from configs import load_config
-
-    batch = load_config(spec["preset"]).data.batch_size
-    return batch / info["samples_per_sec_median"]
 
 
 def test_pairs(spec: dict, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,21 +166,20 @@ def run_task(key: str, args) -> dict:
     from configs import load_config
 
     preset = load_config(spec["preset"])
-    if args.steps:
-        steps, s_per_step = args.steps, None
+    if args.adv_start is not None:
+        adv_start = args.adv_start
     else:
-        s_per_step = calibrate(spec, run_root)
-        steps = max(10, int(budget_s / s_per_step))
-    adv_start = int(round(preset.loss.adv_start_step / preset.trainer.max_steps * steps))
-    common = [f"trainer.max_steps={steps}", f"trainer.ckpt_every={steps}", f"trainer.sample_every={max(1, steps // 4)}",
-              f"trainer.log_every={max(1, min(50, steps // 20))}", f"loss.adv_start_step={adv_start}"]
-    print(f"[bench] {key}: {steps} steps per model ({s_per_step and f'{s_per_step:.2f} s/step calibrated'}), "
-          f"budget {args.minutes} min each", flush=True)
+        adv_start = int(round(preset.loss.adv_start_step * min(1.0, args.minutes / 20)))
+    steps = args.steps or 10**7  # stopped by the budget, not by the step count
+    common = [f"trainer.max_steps={steps}", f"trainer.ckpt_every={steps}", f"loss.adv_start_step={adv_start}",
+              "trainer.sample_every=200", "trainer.log_every=10"]
+    print(f"[bench] {key}: {args.minutes} min per model, adversarial term from step {adv_start}", flush=True)
     runs = {}
     for model, extra in (("gan", []), ("pixel", ["loss.adv_weight=0"])):
         run_dir = run_root / model
         print(f"[bench] training {key}/{model} -> {run_dir}", flush=True)
-        runs[model] = {**train(spec["preset"], run_dir, common + extra, budget_s + 60), "run_dir": str(run_dir)}
+        runs[model] = {**train(spec["preset"], run_dir, common + extra, budget_s if not args.steps else None),
+                       "run_dir": os.path.relpath(run_dir, ROOT), "load_avg_5min": os.getloadavg()[1]}
         print(f"[bench]   {runs[model]}", flush=True)
     sources, targets = test_pairs(spec, args.n_test)
     outputs = {}
@@ -199,27 +190,31 @@ def run_task(key: str, args) -> dict:
     metrics = judge(outputs, targets)
     out = Path(args.out)
     picture = grid([sources, *outputs.values(), targets], out.with_name(f"{out.name}_{key}.png"))
-    return {"task": spec["name"], "preset": spec["preset"], "steps": steps, "calibrated_s_per_step": s_per_step,
-            "adv_start_step": adv_start, "budget_minutes": args.minutes, "runs": runs, "n_test": len(targets),
-            "metrics": metrics, "grid": str(picture),
+    return {"task": spec["name"], "preset": spec["preset"], "adv_start_step": adv_start, "budget_minutes": args.minutes,
+            "runs": runs, "n_test": len(targets),
+            "metrics": metrics, "grid": os.path.relpath(picture, ROOT),
             "columns": ["input", *outputs, "target"]}
 
 
 LABELS = {"bicubic": "bicubic", "pixel": "pixel-only (adv_weight=0)", "gan": "GAN"}
 
 
-def markdown(results: dict, args) -> str:
-    lines = [f"# Paired image-to-image benchmark (`python -m bench.translate --minutes {args.minutes}`)", "",
-             f"Machine: {os.cpu_count()} CPU cores (shared with other jobs while this ran); budget "
-             f"{args.minutes} min of training per model; held-out pairs from the `--split test` shards; "
-             "Frechet distance under the `random` extractor (fixed-seed conv net, not Inception: comparable "
-             "only within this table). EMA generators.", ""]
+def markdown(results: dict) -> str:
+    budgets = sorted({r["budget_minutes"] for r in results.values()})
+    lines = ["# Paired image-to-image benchmark (`python -m bench.translate`)", "",
+             f"Machine: {os.cpu_count()} CPU cores, shared with other jobs (the 5-minute load average at the end of "
+             "each run is given: above the core count, a run got a fraction of a core); budget "
+             f"{' / '.join(f'{b:g}' for b in budgets)} min of wall time per model, "
+             "start-up included; held-out pairs from the `--split test` shards; Frechet distance under the "
+             "`random` extractor (fixed-seed conv net, not Inception: comparable only within this table). "
+             "EMA generators.", ""]
     for key, r in results.items():
         m = r["metrics"]
         lines += [f"## {r['task']}: `{r['preset']}`", "",
-                  f"{r['steps']} steps per model (adversarial term from step {r['adv_start_step']}); "
-                  + ", ".join(f"{LABELS[k]} trained {v['wall_s'] / 60:.1f} min to step {v['steps']}"
-                              + (" (stopped by the budget)" if v["stopped_by_budget"] else "")
+                  f"Budget {r['budget_minutes']:g} min per model; adversarial term from step {r['adv_start_step']}; "
+                  + ", ".join(f"{LABELS[k]}: {v['steps']} steps in {v['wall_s'] / 60:.1f} min"
+                              + (f" ({v['samples_per_sec_median']:.0f} img/s median" if v["samples_per_sec_median"] else " (")
+                              + (f", load {v['load_avg_5min']:.1f})" if "load_avg_5min" in v else ")")
                               for k, v in r["runs"].items()) + f"; {r['n_test']} test pairs.", ""]
         if key == "sr":
             lines += ["| method | PSNR (dB) | SSIM | FD (random) |", "|---|---:|---:|---:|"]
@@ -245,7 +240,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=20.0, help="training budget per model (default 20)")
     parser.add_argument("--task", choices=["sr", "edges", "both"], default="both")
-    parser.add_argument("--steps", type=int, default=None, help="steps per model (skips the calibration run)")
+    parser.add_argument("--steps", type=int, default=None, help="train each model this many steps instead (no budget)")
+    parser.add_argument("--adv-start", type=int, default=None,
+                        help="step the adversarial term starts at (default: the preset's, scaled by minutes/20 below 20)")
     parser.add_argument("--n-test", type=int, default=1200, help="held-out pairs to judge (default: all 1,200)")
     parser.add_argument("--runs", default="runs/bench_translate", help="where the runs go")
     parser.add_argument("--out", default="bench/results/translate", help="OUT.json, OUT.md, OUT_<task>.png")
@@ -255,10 +252,13 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {}
+    if args.task != "both" and out.with_suffix(".json").is_file():  # keep the other task's last results
+        results = json.loads(out.with_suffix(".json").read_text()).get("results", {})
     for key in (["sr", "edges"] if args.task == "both" else [args.task]):
         results[key] = run_task(key, args)
-    out.with_suffix(".json").write_text(json.dumps({"minutes": args.minutes, "results": results}, indent=1))
-    out.with_suffix(".md").write_text(markdown(results, args))
+    results = {k: results[k] for k in ("sr", "edges") if k in results}
+    out.with_suffix(".json").write_text(json.dumps({"results": results}, indent=1))
+    out.with_suffix(".md").write_text(markdown(results))
     print(out.with_suffix(".md").read_text())
     return 0
 

@@ -23,6 +23,19 @@ from models.blocks import EDGE_MAX_CHANNELS, EdgeConv2d, GroupNorm, to_image
 from models.registry import register
 
 
+def pix2pix_init(module: nn.Module, gain: float = 0.02) -> nn.Module:
+    """pix2pix's init_weights('normal'): conv weights N(0, gain), biases 0, norm scales N(1, gain)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, gain)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.GroupNorm):
+            nn.init.normal_(m.weight, 1.0, gain)
+            nn.init.zeros_(m.bias)
+    return module
+
+
 def _norm(channels: int) -> nn.Module:
     return GroupNorm(min(32, channels // 4) or 1, channels)
 
@@ -68,6 +81,7 @@ class UNetGenerator(nn.Module):
         last_in = chans[0] if depth == 1 else 2 * chans[0]
         ups.append(nn.Sequential(nn.ReLU(), to_image(last_in, out_channels), nn.Tanh()))
         self.ups = nn.ModuleList(ups)
+        pix2pix_init(self)
 
     def forward(self, x_bchw: torch.Tensor) -> torch.Tensor:
         if self.scale > 1:
@@ -103,6 +117,7 @@ class PatchDiscriminator(nn.Module):
         body += [nn.Conv2d(base_channels * mults[layers - 1], top, 4, stride=1, padding=1), _norm(top), nn.LeakyReLU(0.2),
                  nn.Conv2d(top, 1, 4, stride=1, padding=1)]
         self.body = nn.Sequential(*body)
+        pix2pix_init(self)
 
     def forward(self, image_bchw: torch.Tensor, source_bchw: torch.Tensor | None = None) -> torch.Tensor:
         return self.body(condition_on(image_bchw, source_bchw if self.condition else None))
