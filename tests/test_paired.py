@@ -134,6 +134,7 @@ def _batch(cfg, n=None, seed=1):
                 "loss.r1_every=2"]),
     (SMALL_P2P, ["loss.adv_loss=nonsaturating", "loss.r1_gamma=0.5", "loss.r1_every=1"]),
     (SMALL_P2P, ["loss.adv_loss=hinge", "model.dropout=0.5"]),
+    (SMALL_SR, ["loss.feature_weight=0.1", "loss.feature_net=random", "loss.l1_weight=1"]),  # user-given feature net
 ])
 def test_a_step_with_the_adversarial_term_gives_finite_losses(tmp_path, one_rank, arch_overrides, loss_overrides):
     from trainers.runtime.clock import Clock
@@ -147,6 +148,7 @@ def test_a_step_with_the_adversarial_term_gives_finite_losses(tmp_path, one_rank
         for key in ("l1", "g_adv", "d_loss", "g_loss"):
             assert np.isfinite(metrics[key]), (key, metrics)
     assert "r1" in metrics or cfg.loss.r1_gamma == 0
+    assert np.isfinite(metrics["feature"]) if cfg.loss.feature_weight > 0 else "feature" not in metrics
     grid = task.samples()["samples"]
     assert grid.dtype == np.uint8 and grid.shape == (3 * (32 + 2) + 2, 4 * (32 + 2) + 2, 3)  # input|output|target rows
     assert {k.split(".")[0] for k in task.weights()} == {"g", "d", "g_ema"}
