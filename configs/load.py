@@ -124,7 +124,7 @@ def fill_from_manifest(cfg: DictConfig, manifest: dict | None, notes: list[str] 
     """Unset data shape (and a conditional GAN's class count) from the shards' manifest."""
     notes = notes if notes is not None else []
     shape = {}
-    if manifest is not None and manifest.get("kind", "image") == "image":
+    if manifest is not None and manifest.get("kind", "image") in ("image", "pairs"):  # pairs: the target's shape
         shape = {"image_size": manifest.get("tgt_size") or manifest.get("image_size"),
                  "channels": manifest.get("channels")}
     for key, fallback in SHAPE_WITHOUT_MANIFEST.items():

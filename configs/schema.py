@@ -1,6 +1,6 @@
 """The typed config tree.
 
-Every run is described by one of two structured configs, `VAEConfig` or `GANConfig`, chosen by
+Every run is described by one structured config per kind, `VAEConfig`, `GANConfig` or `PairedConfig`, chosen by
 the preset's top-level `kind`. Presets (YAML beside this file) and dotted command-line overrides
 are merged onto the schema, so an unknown key or a value of the wrong type is caught before any
 process starts. This module imports nothing from the rest of gentrain.
