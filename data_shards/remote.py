@@ -116,6 +116,14 @@ class RetryPolicy:
         return min(self.max_backoff, self.backoff * 2 ** (attempt - 1)) * rng.uniform(0.5, 1.0)
 
 
+_COUNTS_LOCK = threading.Lock()
+
+
+def _count(name: str) -> None:
+    with _COUNTS_LOCK:  # several readers at once (a shard and the next one, read ahead)
+        COUNTS[name] += 1
+
+
 def _log(message: str) -> None:
     print(f"[gentrain] data: {message}", file=sys.stderr, flush=True)
 
@@ -214,7 +222,7 @@ class ShardChunks:
             try:
                 reader = source.open(offset)
                 if offset:
-                    COUNTS["resumed"] += 1
+                    _count("resumed")
                 while True:
                     data = reader.read(self.chunk)
                     if not data:
@@ -236,7 +244,7 @@ class ShardChunks:
                     self._give_up(offset, f"{exn} ({failures} attempt(s))", host)
                     return
                 delay = policy.wait(failures, rng)
-                COUNTS["retries"] += 1
+                _count("retries")
                 _log(f"{self.url}: {exn} at byte {offset}; retry {failures} of {policy.retries} in {delay:.2f} s, "
                      f"resuming at byte {offset}")
                 if self._stopped(delay):
@@ -249,7 +257,7 @@ class ShardChunks:
                     reader.close()
 
     def _give_up(self, offset: int, detail: str, host: str | None) -> None:
-        COUNTS["gave_up"] += 1
+        _count("gave_up")
         if host is not None:
             _set_down(host, True)
         _log(f"{self.url}: {detail} at byte {offset}; giving up on the rest of this shard "
