@@ -21,10 +21,14 @@ The forms of ``data.shards`` (braces expand to one URL per shard, as for local p
 (``https://HOST/path/manifest.json``, ``s3://BUCKET/prefix/manifest.json``), or for ``pipe:``
 from the first shard's command with its ``NAME.tar`` replaced by ``manifest.json``.
 
-Nothing is copied to local disk: a shard's bytes arrive in chunks of ``CHUNK`` bytes, read
-ahead by one thread per open shard with at most ``READ_AHEAD`` chunks waiting, and the tar is
-parsed as it streams (data_shards.tars). Every sample is the one the local reader yields, in
-the same order, so batches, skips and resume positions equal those of a local copy.
+Nothing is copied to local disk: a shard's bytes are read ahead by one thread per open shard
+(at most ``READ_AHEAD`` x ``CHUNK`` = 4 MiB waiting), the next shard of a slot starts arriving
+while one is read (data_shards.tars.prefetch), and the tar is indexed as it streams, a few MiB
+at a time, into the same ShardTable records as a local shard (data_shards.tars._stream_samples):
+per open shard some 12 MiB at most, plus what the shuffle window holds. Every sample is the one
+the local reader yields, in the same order, so batches, skips and resume positions equal those
+of a local copy. (A resumed pass re-reads, without decoding, what it had consumed of its
+shards before the checkpoint, as a local one does: over the network, that is a re-download.)
 
 Failures, per shard (``ShardChunks``):
 
