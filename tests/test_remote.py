@@ -351,6 +351,14 @@ def test_build_to_s3_then_stream_from_it(s3, digits, monkeypatch):
     assert_same_batches(batches_of("s3://gentrain/digits/", world_size=2), batches_of(digits, world_size=2))
     assert remote.COUNTS["resumed"] - before["resumed"] == N_SHARDS  # each first response cut once, resumed
 
+    # The endpoint from AWS_ENDPOINT_URL alone (boto3 reads it; path-style addressing then too).
+    with monkeypatch.context() as patch:
+        patch.setenv("AWS_ENDPOINT_URL", os.environ["GENTRAIN_S3_ENDPOINT"])
+        patch.delenv("GENTRAIN_S3_ENDPOINT")
+        remote._S3_CLIENTS.clear()
+        assert len(list(read_shard("s3://gentrain/digits/shard-000005.tar"))) == 20
+    remote._S3_CLIENTS.clear()
+
     # A smaller build into the same prefix leaves no stale shard behind.
     build_shards("digits", "s3://gentrain/digits", shard_size=80, num_samples=160, image_size=16, progress=False)
     assert resolve_shards("s3://gentrain/digits/") == [f"s3://gentrain/digits/shard-{i:06d}.tar" for i in range(2)]
