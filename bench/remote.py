@@ -6,8 +6,11 @@ file can send only part of its body and then drop the connection (a clean close,
 or answer 503. ``python -m bench.remote serve DIR`` runs one in its own process and prints
 its port.
 
-Benchmark (``run``; ``make bench`` runs it as ``--only remote``): the same JPEG shards as
-bench.reader (crops of scikit-learn's photographs, 64x64 and 256x256), read by ``make_loader``
+Benchmark (``run``; ``make bench`` runs it as ``--only remote``): JPEG shards made as
+bench.reader makes them (crops of scikit-learn's photographs, 64x64 and 256x256), 8 shards of
+256 samples at both sizes (1 MB and 5.6 MB: a remote shard is one request, and the reader
+indexes a streamed shard a few MiB at a time, so tiny shards would mostly time fixed costs that
+real shards of 100 MB-1 GB spread over thousands of samples), read by ``make_loader``
 (shuffle window 512, batch 64, channels_last) with 1 and 2 DataLoader workers, once from the
 directory and once from ``http://127.0.0.1:PORT/shard-{...}.tar`` served by a ShardServer in
 another process. The two loaders of a configuration are timed in alternation, round after
@@ -260,7 +263,7 @@ def run(quick: bool = False, root: Path | None = None) -> dict:
     torch.set_num_threads(1)
     root = Path(root or Path(tempfile.gettempdir()) / "gentrain-bench")
     root.mkdir(parents=True, exist_ok=True)
-    sizes = {64: 2048, 256: 512} if not quick else {64: 128, 256: 32}
+    sizes = {64: 2048, 256: 2048} if not quick else {64: 128, 256: 32}  # 8 shards of 256 samples
     batches = {64: 96, 256: 32} if not quick else {64: 2, 256: 1}
     rounds = 9 if not quick else 1
     results: dict = {"load_avg_at_start": os.getloadavg(), "configs": {}}

@@ -166,7 +166,8 @@ def to_markdown(results: dict) -> str:
     remote = results.get("remote", {})
     if remote.get("configs"):
         lines += ["**Remote shards** (`make_loader` over `http://127.0.0.1:PORT/shard-{...}.tar` served by "
-                  "bench.remote's server in its own process, against the same JPEG shards on local disk; batch 64, "
+                  "bench.remote's server in its own process, against the same JPEG shards on local disk (8 shards of 256 "
+                  "samples); batch 64, "
                   "shuffle window 512, channels_last; wall clock, the two loaders timed in alternation; ratio = median "
                   "of per-round ratios; load average "
                   f"{[round(x, 2) for x in remote['load_avg_at_start']]} at start, "
