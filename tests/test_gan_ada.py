@@ -1,5 +1,5 @@
-"""ADA and path-length regularisation inside the real GAN trainer: p moves, is logged, and
-resumes exactly; the lazy G regulariser runs on its interval."""
+"""ADA and path-length regularisation inside the real GAN trainer: p follows r_t toward the target,
+is logged, and resumes exactly; the lazy G regulariser runs on its interval."""
 import json
 
 import pytest
@@ -9,26 +9,30 @@ from trainers.runtime.checkpoint import differing_tensors
 
 pytestmark = pytest.mark.slow
 
-COMMON = ("trainer.log_every=2", "trainer.sample_every=100", "trainer.progress=false", "data.batch_size=16",
-          "wandb.mode=disabled", "diagnostics.every=0", "loss.ada_target=0.2", "loss.ada_kimg=0.5",
-          "loss.ada_interval=2", "loss.pl_weight=2", "loss.pl_every=2", "model.arch=stylegan2",
-          "model.g_channels=16", "model.d_channels=16", "model.conditional=true")
+TARGET, KIMG, INTERVAL, BATCH = 0.2, 0.5, 2, 16
+COMMON = ("trainer.log_every=1", "trainer.sample_every=100", "trainer.progress=false", f"data.batch_size={BATCH}",
+          "wandb.mode=disabled", "diagnostics.every=0", f"loss.ada_target={TARGET}", f"loss.ada_kimg={KIMG}",
+          f"loss.ada_interval={INTERVAL}", "loss.pl_weight=2", "loss.pl_every=2", "model.conditional=true",
+          "model.g_channels=16", "model.d_channels=16")
 
 
 def train(run, shards, *extra):
     return run_gentrain("train", "configs/gan_digits.yaml", f"run.dir={run}", f"data.shards={shards}", *COMMON, *extra)
 
 
-def test_ada_p_moves_and_resumes_exactly(digit_shards, tmp_path):
+def test_ada_p_follows_r_t_and_resumes_exactly(digit_shards, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train(straight, digit_shards, "trainer.max_steps=12", "trainer.ckpt_every=6")
     train(resumed, digit_shards, "trainer.max_steps=6", "trainer.ckpt_every=6")
     train(resumed, digit_shards, "trainer.max_steps=12", "trainer.ckpt_every=6")
-    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
-    # A fresh D calls every real image fake (r_t = -1, below the 0.2 target), so p, starting at 0, may
-    # only fall and stays clamped at 0 (tests/test_ada.py checks that it rises when r_t is above).
-    assert [r["ada/p"] for r in records] == [0.0] * len(records)
-    assert records[0]["ada/rt"] == -1.0 and records[-1]["ada/rt"] > -1.0  # r_t follows D as it learns
-    assert all(r["ada/rt"] < 0.2 for r in records)
-    assert any("pl_penalty" in r for r in records)
+    records = {r["step"]: r for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines())}
+    move = INTERVAL * BATCH / (KIMG * 1000)  # p moves this much per interval, up if r_t > target, else down
+    p = 0.0
+    for step in range(1, 13):
+        if step % INTERVAL == 0:
+            rt = records[step]["ada/rt"]
+            p = min(max(p + (move if rt > TARGET else -move), 0.0), 1.0)
+        assert records[step]["ada/p"] == pytest.approx(p, abs=1e-9), step
+    assert all(0 <= r["ada/p"] <= 1 for r in records.values())
+    assert [s for s, r in records.items() if "pl_penalty" in r] == [2, 4, 6, 8, 10, 12]
     assert differing_tensors(straight / "checkpoints/step-0000012", resumed / "checkpoints/step-0000012") == []
