@@ -26,6 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from trainers.runtime.abort import parent_pids, pid_alive
 from trainers.runtime.checkpoint import differing_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,38 +70,16 @@ def timed_run(cmd: list[str], run_dir: Path) -> tuple[float, float]:
 
 
 # ---- killing a whole job, as a machine crash would --------------------------------------------------
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every process, from /proc."""
-    parents = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    return parents
-
-
 def process_tree(root: int) -> list[int]:
     """`root` and every process below it (torchrun's workers are in sessions of their own, so a
     process group does not find them; the parent links do)."""
-    parents, tree = _parents(), [root]
+    parents, tree = parent_pids(), [root]
     children: dict[int, list[int]] = {}
     for pid, parent in parents.items():
         children.setdefault(parent, []).append(pid)
     for pid in tree:
         tree.extend(children.get(pid, []))
     return tree
-
-
-def alive(pid: int) -> bool:
-    """Running (a zombie, dead but not yet reaped, does not count)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
 
 
 def kill_whole_job(root: int) -> list[int]:
@@ -112,7 +91,7 @@ def kill_whole_job(root: int) -> list[int]:
     """
     stopped: list[int] = []
     for _ in range(50):
-        new = [pid for pid in process_tree(root) if pid not in stopped and alive(pid)]
+        new = [pid for pid in process_tree(root) if pid not in stopped and pid_alive(pid)]
         if not new:
             break
         for pid in new:
@@ -136,7 +115,7 @@ def processes_mentioning(text: str) -> list[int]:
         if entry.isdigit() and int(entry) != os.getpid():
             try:
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if text.encode() in f.read() and alive(int(entry)):
+                    if text.encode() in f.read() and pid_alive(int(entry)):
                         found.append(int(entry))
             except OSError:
                 continue
@@ -147,7 +126,7 @@ def wait_all_gone(pids: list[int], timeout: float, mentioning: str | None = None
     """Poll /proc until none of `pids` (nor any process mentioning `mentioning`) is alive; the survivors."""
     deadline = time.monotonic() + timeout
     while True:
-        survivors = [pid for pid in pids if alive(pid)] + (processes_mentioning(mentioning) if mentioning else [])
+        survivors = [pid for pid in pids if pid_alive(pid)] + (processes_mentioning(mentioning) if mentioning else [])
         if not survivors or time.monotonic() > deadline:
             return sorted(set(survivors))
         time.sleep(0.05)

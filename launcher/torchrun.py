@@ -20,7 +20,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 
-from trainers.runtime.abort import LAUNCHER_PID_ENV, die_with_parent
+from trainers.runtime.abort import LAUNCHER_PID_ENV, child_pids, die_with_parent
 from trainers.runtime.signals import REQUEUE_EXIT_CODE
 
 DEFAULT_MASTER_PORT = 29500
@@ -64,25 +64,8 @@ def torchrun_command(spec: TorchrunSpec, python: str = sys.executable) -> list[s
 
 
 # ---- the wrapper ----------------------------------------------------------------------------
-def _child_pids() -> list[int]:
-    """Direct children of this process (torchrun's workers), read from /proc."""
-    me, pids = os.getpid(), []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # pid (comm) state ppid ...: comm may contain spaces, so split after the last ')'
-        if int(stat.rsplit(")", 1)[1].split()[1]) == me:
-            pids.append(int(entry))
-    return pids
-
-
 def _forward_usr1(signum, _frame) -> None:
-    children = _child_pids()
+    children = child_pids()  # torchrun's workers
     print(f"[gentrain] torchrun wrapper: SIGUSR1 -> {len(children)} worker(s) {children}", file=sys.stderr, flush=True)
     for pid in children:
         try:

@@ -100,20 +100,23 @@ def preexec_die_with_parent(sig: int = signal.SIGKILL) -> Callable[[], None] | N
     return arm
 
 
+def parent_pids() -> dict[int, int]:
+    """pid -> parent pid of every process, from /proc (comm may hold spaces: split after the last ')')."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    return parents
+
+
 def child_pids(pid: int | None = None) -> list[int]:
     """Direct children of `pid` (default: this process), from /proc."""
     pid = os.getpid() if pid is None else pid
-    children = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    children.append(int(entry))
-        except (OSError, IndexError, ValueError):
-            continue
-    return children
+    return [child for child, parent in parent_pids().items() if parent == pid]
 
 
 def kill_loader_workers() -> None:
