@@ -30,3 +30,14 @@ def digit_shards(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     run_gentrain("shards", "build", "digits", "--out", out, "--shard-size", 256, "--quiet")
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny tensors: one intra-op thread is faster, and steady on a machine shared with other jobs."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

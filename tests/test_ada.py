@@ -6,13 +6,7 @@ import torch
 from trainers.gan.ada import OPS, AdaptiveAugment, sign_stats
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and steady on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _images(b=8, ch=3, size=16, seed=0):

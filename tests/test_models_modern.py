@@ -18,13 +18,7 @@ from trainers.gan.path_length import path_length_penalty
 ARCHS = ("r3gan", "stylegan2")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread is faster, and steady on a machine shared with other jobs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _nets(arch, size=16, channels=3, num_classes=0, width=8, z_dim=16, seed=0):
