@@ -365,7 +365,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_anomaly(args) -> int:
-    from trainers.judge.evaluation import anomaly_scores, parse_labels
+    from data_shards.build import parse_labels
+    from trainers.judge.evaluation import anomaly_scores
 
     summary = anomaly_scores(args.run_dir, args.shards, args.out, normal_labels=parse_labels(args.normal_labels), k=args.k)
     print(json.dumps(summary, indent=1))

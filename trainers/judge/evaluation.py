@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_shards.build import parse_labels  # noqa: F401 - the CLI's anomaly command reads it from here
 from data_shards.stream import ShardStream, find_manifest
 from trainers.judge.inference import load_sampler, sample_to_npz
 from trainers.vae.task import decoder_link, log_scale_of
@@ -28,6 +27,27 @@ def _one_pass(shards, cfg, batch_size: int = 256):
 
 
 @torch.no_grad()
+def vae_batch_scores(vae, cfg, x: torch.Tensor, k: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """One batch of images in [0, 1]: the posterior (mean, logvar), the reconstruction NLL and KL of
+    one posterior sample and their sum (the negative ELBO), an importance-weighted bound of -log p(x)
+    with K samples (Burda et al.), and the decoder mean of the posterior mean (`recon`, unclamped)."""
+    log_scale, link, likelihood = log_scale_of(vae, cfg), decoder_link(cfg), cfg.loss.likelihood
+    mean, logvar = vae.encode(x)
+    std = torch.exp(0.5 * logvar)
+    z = mean + torch.randn(mean.shape, generator=gen) * std
+    nll = reconstruction_nll(vae.decode(z), x, likelihood, log_scale, link)
+    kl = kl_per_dim(mean, logvar).sum(1)
+    log_w = []
+    for _ in range(k):
+        z_k = mean + torch.randn(mean.shape, generator=gen) * std
+        log_px_z = -reconstruction_nll(vae.decode(z_k), x, likelihood, log_scale, link)
+        log_w.append(log_px_z + log_normal_standard(z_k) - log_normal(z_k, mean, logvar))
+    iw = -(torch.logsumexp(torch.stack(log_w), 0) - math.log(k))
+    return {"mean": mean, "logvar": logvar, "recon_nll": nll, "kl": kl, "neg_elbo": nll + kl, "iw_nll": iw,
+            "recon": decoder_mean(vae.decode(mean), link)}
+
+
+@torch.no_grad()
 def vae_scores(run_dir, shards, k: int = 64, seed: int = 0):
     """Per-sample ELBO terms and an importance-weighted bound of log p(x) (Burda et al., K samples).
 
@@ -37,29 +57,18 @@ def vae_scores(run_dir, shards, k: int = 64, seed: int = 0):
     if cfg.kind != "vae":
         raise ValueError(f"{run_dir} is a {cfg.kind} run; this needs a VAE")
     gen = torch.Generator().manual_seed(seed)
-    log_scale, link = log_scale_of(vae, cfg), decoder_link(cfg)
     rows = {"key": [], "label": [], "recon_nll": [], "kl": [], "neg_elbo": [], "iw_nll": [], "recon_mse": []}
     means, logvars = [], []
     for batch in _one_pass(shards, cfg):
         x = batch["image"].float() / 255.0
-        mean, logvar = vae.encode(x)
-        eps = torch.randn(mean.shape, generator=gen)
-        z = mean + eps * torch.exp(0.5 * logvar)
-        nll = reconstruction_nll(vae.decode(z), x, cfg.loss.likelihood, log_scale, link)
-        kl = kl_per_dim(mean, logvar).sum(1)
-        log_w = []
-        for _ in range(k):
-            z_k = mean + torch.randn(mean.shape, generator=gen) * torch.exp(0.5 * logvar)
-            log_px_z = -reconstruction_nll(vae.decode(z_k), x, cfg.loss.likelihood, log_scale, link)
-            log_w.append(log_px_z + log_normal_standard(z_k) - log_normal(z_k, mean, logvar))
-        iw = -(torch.logsumexp(torch.stack(log_w), 0) - math.log(k))
-        mse = (decoder_mean(vae.decode(mean), link) - x).square().flatten(1).mean(1)
-        for name, values in (("recon_nll", nll), ("kl", kl), ("neg_elbo", nll + kl), ("iw_nll", iw), ("recon_mse", mse)):
-            rows[name].append(values.numpy())
+        scores = vae_batch_scores(vae, cfg, x, k, gen)
+        scores["recon_mse"] = (scores["recon"] - x).square().flatten(1).mean(1)
+        for name in ("recon_nll", "kl", "neg_elbo", "iw_nll", "recon_mse"):
+            rows[name].append(scores[name].numpy())
         rows["key"] += list(batch["__key__"])
         rows["label"].append(batch["label"].numpy())
-        means.append(mean)
-        logvars.append(logvar)
+        means.append(scores["mean"])
+        logvars.append(scores["logvar"])
     if not rows["key"]:
         raise ValueError(f"no samples in {shards}")
     out = {k_: (np.concatenate(v) if k_ != "key" else np.array(v)) for k_, v in rows.items()}

@@ -333,30 +333,20 @@ def vae_bounds(vae, cfg, ref: Reference, k: int, seed: int, anomalous: list[int]
     computes them, on the report's images only), reconstructions, and the anomaly AUROC of each
     score when `anomalous` labels are given and both groups are present.
     Returns (numbers, reconstruction grid (input | output), ROC curves)."""
+    from trainers.judge.evaluation import vae_batch_scores
     from trainers.judge.metrics import psnr, ssim
-    from trainers.vae.objective import (LIKELIHOODS, decoder_mean, kl_per_dim, log_normal, log_normal_standard,
-                                        reconstruction_nll)
-    from trainers.vae.task import decoder_link, log_scale_of
+    from trainers.vae.objective import LIKELIHOODS
 
     gen = torch.Generator().manual_seed(seed)
-    link, log_scale, likelihood = decoder_link(cfg), log_scale_of(vae, cfg), cfg.loss.likelihood
+    likelihood = cfg.loss.likelihood
     scores: dict[str, list] = {"neg_elbo": [], "iw_nll": [], "recon_mse": []}
     recon_u8 = []
     for start in range(0, len(ref.images), 250):
         x = torch.from_numpy(ref.images[start:start + 250]).float() / 255.0
-        mean, logvar = vae.encode(x)
-        std = torch.exp(0.5 * logvar)
-        z = mean + torch.randn(mean.shape, generator=gen) * std
-        neg_elbo = reconstruction_nll(vae.decode(z), x, likelihood, log_scale, link) + kl_per_dim(mean, logvar).sum(1)
-        log_w = []
-        for _ in range(k):
-            z_k = mean + torch.randn(mean.shape, generator=gen) * std
-            log_px_z = -reconstruction_nll(vae.decode(z_k), x, likelihood, log_scale, link)
-            log_w.append(log_px_z + log_normal_standard(z_k) - log_normal(z_k, mean, logvar))
-        iw = -(torch.logsumexp(torch.stack(log_w), 0) - math.log(k))
-        y = decoder_mean(vae.decode(mean), link).clamp(0, 1)
-        scores["neg_elbo"].append(neg_elbo.numpy())
-        scores["iw_nll"].append(iw.numpy())
+        batch = vae_batch_scores(vae, cfg, x, k, gen)
+        y = batch["recon"].clamp(0, 1)
+        scores["neg_elbo"].append(batch["neg_elbo"].numpy())
+        scores["iw_nll"].append(batch["iw_nll"].numpy())
         scores["recon_mse"].append((y - x).square().flatten(1).mean(1).numpy())
         recon_u8.append((y * 255).round().to(torch.uint8).numpy())
     per = {key: np.concatenate(v).astype(np.float64) for key, v in scores.items()}
