@@ -167,34 +167,70 @@ class Checkpointer:
     def load(self, path: Path, engines: dict, may_start_fresh: tuple[str, ...] = ()) -> tuple[dict, dict[str, torch.Tensor]]:
         """Restore engines in place; return this rank's trainer state and the fp32 weights.
 
-        At another world size ZeRO's optimizer partitions do not fit, so only the weights are
-        restored and the optimizer starts afresh (said on stdout); counters carry on. An engine
-        named in ``may_start_fresh`` that the checkpoint does not hold (a part switched on after
-        it was written, such as the VAE's discriminator) keeps its fresh initialisation; any
-        other missing engine is an error.
+        At another world size the optimizer state comes along too: ZeRO's per-rank partitions are
+        gathered and cut anew for this run's ranks (trainers.runtime.reshard), a whole (ZeRO-0)
+        state loads as it is; one line on stdout says so. An engine named in ``may_start_fresh``
+        that the checkpoint does not hold (a part switched on after it was written, such as the
+        VAE's discriminator) keeps its fresh initialisation; any other missing engine is an error.
         """
         saved_world = json.loads((path / COMPLETE).read_text()).get("world_size", self.dist.world_size)
         same_world = saved_world == self.dist.world_size
-        if not same_world and self.dist.is_main:
-            print(f"[gentrain] checkpoint {path.name} was written by {saved_world} process(es), this run has "
-                  f"{self.dist.world_size}: restoring weights, EMA and counters; optimizer state starts afresh",
-                  flush=True)
+        outcomes = {}  # engine -> what became of its optimizer state at another world size
         for name, engine in engines.items():
             if name in may_start_fresh and not (path / name).is_dir():
                 if self.dist.is_main:
                     print(f"[gentrain] checkpoint {path.name} has no '{name}' (switched on since it was written): "
                           f"'{name}' starts fresh", flush=True)
                 continue
-            load_path, _ = engine.load_checkpoint(str(path / name), tag=DS_TAG, load_module_only=not same_world,
-                                                  load_optimizer_states=same_world,
-                                                  load_lr_scheduler_states=same_world)
+            if same_world:
+                load_path, _ = engine.load_checkpoint(str(path / name), tag=DS_TAG)
+            else:
+                load_path, outcomes[name] = _load_at_other_world_size(engine, path / name)
             if load_path is None:
                 raise FileNotFoundError(f"checkpoint {path} has no state for engine '{name}'")
+        if not same_world and self.dist.is_main:
+            print(_world_size_change_line(path.name, saved_world, self.dist.world_size, outcomes), flush=True)
         own = path / f"trainer-rank{self.dist.rank:05d}.pt"
         state_file = own if own.exists() else path / "trainer-rank00000.pt"  # world size changed
         rank_state = torch.load(state_file, map_location="cpu", weights_only=True)
         weights = load_file(str(path / "weights.safetensors"))
         return rank_state, weights
+
+
+def _load_at_other_world_size(engine, engine_dir: Path) -> tuple[str | None, str]:
+    """Load one engine from a checkpoint written by another number of processes. Returns
+    DeepSpeed's load path and what became of the optimizer state: "whole" (ZeRO-0 keeps it whole,
+    loaded as at any size), "re-cut" (ZeRO partitions gathered and cut for this run's ranks), or why
+    it starts afresh."""
+    from trainers.runtime import reshard
+
+    partitions = reshard.read_partitions(engine_dir / DS_TAG)
+    if not partitions:
+        return engine.load_checkpoint(str(engine_dir), tag=DS_TAG)[0], "whole"
+    reason = reshard.why_not(partitions, engine.optimizer)
+    # Weights and counters from DeepSpeed, which refuses ZeRO optimizer states saved at another world
+    # size; those come from the re-cut partitions. (It refreshes the fp32 masters from the 16-bit
+    # weights meanwhile: all that is left where the partitions cannot be re-cut.)
+    load_path, _ = engine.load_checkpoint(str(engine_dir), tag=DS_TAG, load_optimizer_states=False)
+    if load_path is None or reason is not None:
+        return load_path, reason or "no state"
+    reshard.load_resharded(engine, partitions)
+    return load_path, "re-cut"
+
+
+def _world_size_change_line(name: str, saved: int, now: int, outcomes: dict[str, str]) -> str:
+    """The one line a resume at another world size prints: what carried over, what did not and why."""
+    line = (f"[gentrain] checkpoint {name} was written by {saved} process(es), this run has {now}: "
+            f"restoring weights, EMA, counters")
+    kept = [engine for engine, outcome in outcomes.items() if outcome in ("whole", "re-cut")]
+    if kept:
+        how = (f"ZeRO partitions re-cut from {saved} to {now}" if "re-cut" in outcomes.values()
+               else "whole in the checkpoint")
+        line += f" and the optimizer state of {', '.join(kept)} (Adam moments, step, fp32 master weights; {how})"
+    lost = {engine: why for engine, why in outcomes.items() if engine not in kept}
+    if lost:
+        line += "; the optimizer state of " + "; ".join(f"'{e}' starts afresh ({why})" for e, why in lost.items())
+    return line
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -255,25 +291,46 @@ def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
 
     path = Path(path)
     tensors = {f"weights/{k}": v for k, v in load_file(str(path / "weights.safetensors")).items()}
-
-    def walk(obj, prefix):
-        if isinstance(obj, torch.Tensor):
-            tensors[prefix] = obj
-        elif isinstance(obj, dict):
-            for key in sorted(obj, key=str):
-                walk(obj[key], f"{prefix}.{key}")
-        elif isinstance(obj, (list, tuple)):
-            for i, value in enumerate(obj):
-                walk(value, f"{prefix}.{i}")
-
     for f in sorted(path.glob("*/state/*optim_states.pt")):
-        walk(safe_torch_load(f)["optimizer_state_dict"], f"{f.parent.parent.name}/{f.name}")
+        _walk(safe_torch_load(f)["optimizer_state_dict"], f"{f.parent.parent.name}/{f.name}", tensors)
     for f in sorted(path.glob("*/state/*model_states.pt")):
         # Without ZeRO (trainer.zero_stage=0) the optimizer's moments live in the model file.
         optimizer = safe_torch_load(f).get("optimizer")
         if optimizer is not None:
-            walk(optimizer, f"{f.parent.parent.name}/{f.name}/optimizer")
+            _walk(optimizer, f"{f.parent.parent.name}/{f.name}/optimizer", tensors)
     return tensors
+
+
+def gathered_optimizer_state(path: Path) -> dict[str, torch.Tensor]:
+    """Every engine's optimizer state as no particular world size holds it: ZeRO's per-rank slices
+    joined with the padding stripped (per param group: fp32 master weights, exp_avg, exp_avg_sq,
+    step), a whole (ZeRO-0) state as saved. A resume at another world size holds exactly this."""
+    from trainers.runtime import reshard
+    from trainers.runtime.safe_load import safe_torch_load
+
+    tensors: dict[str, torch.Tensor] = {}
+    for state_dir in sorted(Path(path).glob(f"*/{DS_TAG}")):
+        engine = state_dir.parent.name
+        partitions = reshard.read_partitions(state_dir)
+        if partitions:
+            for i, group in enumerate(reshard.gather(partitions)):
+                tensors.update({f"{engine}/group{i}/{key}": v for key, v in group.items() if torch.is_tensor(v)})
+        else:
+            optimizer = safe_torch_load(state_dir / "mp_rank_00_model_states.pt").get("optimizer")
+            _walk(optimizer, f"{engine}/optimizer", tensors)
+    return tensors
+
+
+def _walk(obj, prefix: str, out: dict[str, torch.Tensor]) -> None:
+    """Every tensor inside nested dicts and lists, named by its path."""
+    if isinstance(obj, torch.Tensor):
+        out[prefix] = obj
+    elif isinstance(obj, dict):
+        for key in sorted(obj, key=str):
+            _walk(obj[key], f"{prefix}.{key}", out)
+    elif isinstance(obj, (list, tuple)):
+        for i, value in enumerate(obj):
+            _walk(value, f"{prefix}.{i}", out)
 
 
 def differing_tensors(a: Path, b: Path) -> list[str]:
