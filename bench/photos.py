@@ -5,7 +5,7 @@ domain extractors), class-conditional accuracy, per-class coverage and s/kimg.
     python -m bench.photos [--minutes 20] [--work /tmp/gentrain-photos] [--out bench/results]
 
 Each model is `configs/gan_photos.yaml` with its architecture (DCGAN keeps the digits preset's
-loss: nonsaturating + lazy R1), trained by the real `gentrain train` for `--minutes` and then
+loss: nonsaturating + lazy R1, and no mode-seeking term), trained by the real `gentrain train` for `--minutes` and then
 stopped with SIGTERM: it checkpoints at the next step and exits 75, as on a preempted cluster.
 The judge is a domain classifier fitted on the real train crops (trainers.judge.extractors): it
 reads a sample generated for class k as some class; conditional accuracy is how often that is k.
@@ -26,7 +26,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
     "dcgan": ["model.arch=dcgan", "loss.loss=nonsaturating", "loss.r1_gamma=1.0", "loss.r2_gamma=0",
-              "loss.r1_every=4", "model.g_channels=64", "model.d_channels=64"],
+              "loss.r1_every=4", "loss.mode_seeking=0", "model.g_channels=64", "model.d_channels=64"],
     "r3gan": [],
     "stylegan2": ["--preset", "configs/gan_photos_stylegan2.yaml"],
 }
@@ -61,6 +61,26 @@ def train_for(name: str, overrides: list[str], minutes: float, work: Path, train
     if proc.returncode not in (0, 75):
         raise RuntimeError(f"{name} exited {proc.returncode}; see {work / f'{name}.log'}")
     return run
+
+
+def ada_trace(run: Path) -> dict:
+    """ADA's augmentation probability p over the run: at each quarter of the logged steps and at the end."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    p = [(r["step"], r["ada/p"]) for r in records if "ada/p" in r]
+    if not p:
+        return {}
+    marks = [p[min(len(p) - 1, i * len(p) // 4)] for i in range(4)] + [p[-1]]
+    return {"ada_p": [[step, round(value, 4)] for step, value in marks], "ada_p_max": round(max(v for _, v in p), 4)}
+
+
+def keep_last_grid(run: Path, out: Path) -> str | None:
+    """Copy the run's newest sample grid (EMA generator, one row per class) beside the results."""
+    grids = sorted((run / "samples").glob("samples-*.png"))
+    if not grids:
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(grids[-1].read_bytes())
+    return out.name
 
 
 def seconds_per_kimg(run: Path) -> tuple[float, int]:
@@ -112,7 +132,8 @@ def main(argv=None) -> int:
     for name in args.models.split(","):
         run = train_for(name, MODELS[name], args.minutes, args.work, train, test)
         s_kimg, images = seconds_per_kimg(run)
-        rows[name] = {"s_per_kimg": s_kimg, "images_seen": images, **judge(run, test, domain, args.n, num_classes)}
+        rows[name] = {"s_per_kimg": s_kimg, "images_seen": images, **judge(run, test, domain, args.n, num_classes),
+                      **ada_trace(run), "grid": keep_last_grid(run, args.out / f"photos_{name}.png")}
         print(f"[bench.photos] {name}: {json.dumps({k: v for k, v in rows[name].items() if k != 'extractor'})}",
               flush=True)
     load = os.getloadavg()
@@ -126,6 +147,10 @@ def main(argv=None) -> int:
         lines.append(f"| {name} | {r['images_seen'] / 1000:.0f} | {r['s_per_kimg']:.1f} | {r['fd_random']:.3f} | "
                      f"{r['kid_random']:.4f} | {r['fd_domain']:.1f} | {r['kid_domain']:.3f} | "
                      f"{r['conditional_accuracy']:.2f} | {r['class_coverage']:.2f} | {r['class_tv']:.2f} |")
+    lines.append("")
+    for name, r in rows.items():
+        trace = ", ".join(f"{v:g} at step {step}" for step, v in r.get("ada_p", []))
+        lines.append(f"- {name}: ADA p {trace or 'not logged'}; grid (one row per class): {r.get('grid')}")
     (args.out / "photos.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

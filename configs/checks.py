@@ -81,6 +81,8 @@ def check_gan(cfg: DictConfig) -> None:
             raise ConfigError("ADA needs images, 0 < loss.ada_target < 1, loss.ada_kimg > 0, loss.ada_interval >= 1")
     if loss.pl_weight < 0 or loss.pl_every < 1 or (loss.pl_weight > 0 and cfg.model.arch == "mlp"):
         raise ConfigError("loss.pl_weight must be >= 0 (images only) and loss.pl_every >= 1")
+    if loss.mode_seeking < 0 or (loss.mode_seeking > 0 and cfg.data.batch_size < 2):
+        raise ConfigError("loss.mode_seeking must be >= 0 and needs data.batch_size >= 2 (it compares pairs)")
 
 
 def check_paired(cfg: DictConfig) -> None:

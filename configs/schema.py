@@ -280,6 +280,11 @@ class GANLossConfig:
     network (stylegan2) regularise w; others z."""
     pl_every: int = 4
     """Steps between path-length regularisation steps of G."""
+    mode_seeking: float = 0.0
+    """Weight of the mode-seeking term (MSGAN, Mao et al. 2019; 0 off): in G's update the second half
+    of the batch repeats the first half's labels with other latents, and G also minimises
+    1 / (mean|G(z1,c) - G(z2,c)| / mean|z1 - z2|). Counters a conditional G that ignores z and draws
+    one image per class (measured on configs/gan_photos.yaml: docs/judging.md)."""
     ema_halflife_kimg: float = 2.0
     """Half-life of the generator EMA in thousands of images seen (0 turns EMA off)."""
     ema_rampup: float = 0.05

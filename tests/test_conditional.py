@@ -67,11 +67,12 @@ def test_conditional_gan_trains_and_samples_a_class(digit_shards, tmp_path):
     run_gentrain("train", "configs/gan_digits.yaml", f"run.dir={run}", f"data.shards={digit_shards}",
                  "model.conditional=true", "trainer.max_steps=12", "trainer.log_every=4", "trainer.sample_every=12",
                  "trainer.ckpt_every=12", "trainer.progress=false", "data.batch_size=16", "wandb.mode=disabled",
-                 "diagnostics.every=0")
+                 "diagnostics.every=0", "loss.mode_seeking=1.0")
     saved = (run / "config.yaml").read_text()
     assert "num_classes: 10" in saved and "image_size: 32" in saved
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_loss"]) for r in records)
+    assert all(r["mode_seeking_ratio"] > 0 for r in records)  # G's pairs (i, i + B/2) were compared
 
     out = tmp_path / "three.npz"
     proc = run_gentrain("sample", run, "--n", "10", "--out", out, "--class", "3")

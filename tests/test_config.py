@@ -97,3 +97,8 @@ def test_gan_cross_field_mistakes_are_caught_when_the_config_loads(preset, overr
     with pytest.raises(ConfigError) as err:
         load_config(preset, [override])
     assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
+def test_negative_mode_seeking_weight_is_rejected():
+    with pytest.raises(ConfigError, match="loss.mode_seeking must be >= 0"):
+        load_config("configs/gan_digits.yaml", ["loss.mode_seeking=-1"])

@@ -110,3 +110,19 @@ def test_ema_beta_is_stylegan2_ada_formula_with_rampup():
         expected = 0.5 ** (64 / max(min(10_000.0, seen * 0.05), 1e-8))
         assert math.isclose(ema.beta(64, seen), expected)
     assert ema.beta(64, 0) == 0.0  # first step: copy the generator
+
+
+def test_mode_seeking_loss_is_small_for_diverse_pairs_and_large_for_collapsed_ones():
+    from trainers.gan.losses import mode_seeking_loss
+
+    z = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    w = torch.randn(4, 3 * 2 * 2, generator=torch.Generator().manual_seed(1))
+    diverse = (z @ w).view(8, 3, 2, 2)
+    collapsed = diverse.mean(0, keepdim=True).expand(8, 3, 2, 2) + 1e-3 * diverse
+    loss_diverse, ratio = mode_seeking_loss(diverse, z)
+    loss_collapsed, _ = mode_seeking_loss(collapsed, z)
+    pairs = [((diverse[i] - diverse[i + 4]).abs().mean() / (z[i] - z[i + 4]).abs().mean()).item() for i in range(4)]
+    assert math.isclose(ratio.item(), sum(pairs) / 4, rel_tol=1e-5)  # the pairs are (i, i + B/2)
+    assert math.isclose(loss_diverse.item(), 1 / (ratio.item() + 1e-5), rel_tol=1e-5)
+    assert loss_collapsed.item() > 100 * loss_diverse.item()
+    assert not ratio.requires_grad

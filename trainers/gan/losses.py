@@ -109,6 +109,17 @@ def wgan_gp_penalty(discriminator: nn.Module, real: torch.Tensor, fake: torch.Te
     return (norm - 1.0).square().mean()
 
 
+def mode_seeking_loss(fake: torch.Tensor, z: torch.Tensor, eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """MSGAN's term (Mao et al. 2019) over the pairs (i, i + B/2) of a batch whose halves share
+    labels: 1 / (ratio + eps), ratio = mean |G(z_a) - G(z_b)| / mean |z_a - z_b| per pair, averaged.
+    Returns (loss, ratio), the ratio detached for logging."""
+    half = fake.shape[0] // 2
+    image_gap = (fake[:half] - fake[half:2 * half]).abs().float().flatten(1).mean(1)
+    latent_gap = (z[:half] - z[half:2 * half]).abs().float().flatten(1).mean(1)
+    ratio = (image_gap / latent_gap).mean()
+    return 1.0 / (ratio + eps), ratio.detach()
+
+
 def lazy_adam_compensation(lr: float, betas: tuple[float, float], every: int) -> tuple[float, tuple[float, float]]:
     """StyleGAN2's correction for a regulariser that runs every `every` steps.
 

@@ -42,8 +42,8 @@ from trainers.gan.path_length import path_length_penalty
 from trainers.runtime.engines import make_engine, module_dtype, step_with_grad_norm
 from trainers.gan.diagnostics import (COVERAGE_KEYS, CollapseMonitor, coverage_kind, diversity,
                                       images_to_uint8_nchw, make_coverage_scorer)
-from trainers.gan.losses import (D_LOSSES, G_LOSSES, RELATIVISTIC_G_LOSSES, lazy_adam_compensation, r1_penalty, r2_penalty,
-                                 wgan_gp_penalty)
+from trainers.gan.losses import (D_LOSSES, G_LOSSES, RELATIVISTIC_G_LOSSES, lazy_adam_compensation, mode_seeking_loss,
+                                 r1_penalty, r2_penalty, wgan_gp_penalty)
 from trainers.runtime.guard import all_finite
 from trainers.runtime.images import make_grid, scatter_plot, to_uint8
 
@@ -222,6 +222,9 @@ class GANTask:
         try:
             n = state.real.shape[0]
             z, fake_labels = self._z(n), self._fake_labels(n)
+            seek = float(self.cfg.loss.mode_seeking)
+            if seek > 0 and fake_labels is not None:  # pairs (i, i + n/2) share a class
+                fake_labels = torch.cat([fake_labels[: n // 2], fake_labels[: n - n // 2]])
             fake = self.g(*self._g_args(z, fake_labels))
             fake_logits = self.d.module(*self._d_args(self._aug(fake.float()), fake_labels))
             if self.g_rel_loss_fn is None:
@@ -230,6 +233,10 @@ class GANTask:
                 with torch.no_grad():
                     real_logits = self.d.module(*self._d_args(self._aug(state.real), state.labels))
                 g_loss = self.g_rel_loss_fn(fake_logits, real_logits)
+            if seek > 0:
+                seeking, ratio = mode_seeking_loss(fake, z)
+                g_loss = g_loss + seek * seeking
+                state.metrics["mode_seeking_ratio"] = ratio.item()
             g_ok = all_finite(self.dist.device, g_loss)
             if g_ok:
                 self.g.backward(g_loss)
