@@ -190,7 +190,8 @@ def run_task(key: str, args) -> dict:
     metrics = judge(outputs, targets)
     out = Path(args.out)
     picture = grid([sources, *outputs.values(), targets], out.with_name(f"{out.name}_{key}.png"))
-    return {"task": spec["name"], "preset": spec["preset"], "adv_start_step": adv_start, "budget_minutes": args.minutes,
+    return {"task": spec["name"], "preset": spec["preset"], "adv_start_step": adv_start,
+            "budget_minutes": None if args.steps else args.minutes, "steps_per_model": args.steps,
             "runs": runs, "n_test": len(targets),
             "metrics": metrics, "grid": os.path.relpath(picture, ROOT),
             "columns": ["input", *outputs, "target"]}
@@ -199,26 +200,32 @@ def run_task(key: str, args) -> dict:
 LABELS = {"bicubic": "bicubic", "pixel": "pixel-only (adv_weight=0)", "gan": "GAN"}
 
 
+def budget(result: dict) -> str:
+    """What each model of a task was given: wall-clock minutes (start-up included) or a step count."""
+    if result.get("budget_minutes") is None:
+        return f"{result['steps_per_model']} steps (no wall-clock budget)"
+    return f"budget {result['budget_minutes']:g} min of wall time (start-up included)"
+
+
 def markdown(results: dict) -> str:
-    budgets = sorted({r["budget_minutes"] for r in results.values()})
+    budgets = sorted({budget(r) for r in results.values()})
     lines = ["# Paired image-to-image benchmark (`python -m bench.translate`)", "",
              f"Machine: {os.cpu_count()} CPU cores, shared with other jobs (the 5-minute load average at the end of "
-             "each run is given: above the core count, a run got a fraction of a core); budget "
-             f"{' / '.join(f'{b:g}' for b in budgets)} min of wall time per model, "
-             "start-up included; held-out pairs from the `--split test` shards; Frechet distance under the "
+             "each run is given: above the core count, a run got a fraction of a core); "
+             f"{' / '.join(budgets)} per model; held-out pairs from the `--split test` shards; Frechet distance under the "
              "`random` extractor (fixed-seed conv net, not Inception: comparable only within this table). "
              "EMA generators.", ""]
     for key, r in results.items():
         m = r["metrics"]
         lines += [f"## {r['task']}: `{r['preset']}`", "",
-                  f"Budget {r['budget_minutes']:g} min per model; adversarial term from step {r['adv_start_step']}; "
+                  f"{budget(r).capitalize()} per model; adversarial term from step {r['adv_start_step']}; "
                   + ", ".join(f"{LABELS[k]}: {v['steps']} steps in {v['wall_s'] / 60:.1f} min"
                               + (f" ({v['samples_per_sec_median']:.0f} img/s median" if v["samples_per_sec_median"] else " (")
                               + (f", load {v['load_avg_5min']:.1f})" if "load_avg_5min" in v else ")")
                               for k, v in r["runs"].items()) + f"; {r['n_test']} test pairs.", ""]
         if key == "sr":
             lines += ["| method | PSNR (dB) | SSIM | FD (random) |", "|---|---:|---:|---:|"]
-            lines += [f"| {LABELS[k]} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['fd_random']:.3f} |" for k, v in m.items()]
+            lines += [f"| {LABELS[k]} | {v['psnr']:.2f} | {v['ssim']:.4f} | {v['fd_random']:.4f} |" for k, v in m.items()]
             gain = m["pixel"]["psnr"] - m["bicubic"]["psnr"]
             lowest = min(m, key=lambda k: m[k]["fd_random"])
             lines += ["", f"Targets: pixel-only beats bicubic by >= 1 dB: {gain:+.2f} dB "
@@ -227,7 +234,7 @@ def markdown(results: dict) -> str:
                       f"{m['gan']['psnr'] - m['pixel']['psnr']:+.2f} dB.", ""]
         else:
             lines += ["| method | L1 | FD (random) | PSNR (dB) | SSIM |", "|---|---:|---:|---:|---:|"]
-            lines += [f"| {LABELS[k]} | {v['l1']:.4f} | {v['fd_random']:.3f} | {v['psnr']:.2f} | {v['ssim']:.4f} |"
+            lines += [f"| {LABELS[k]} | {v['l1']:.4f} | {v['fd_random']:.4f} | {v['psnr']:.2f} | {v['ssim']:.4f} |"
                       for k, v in m.items()]
             met = m["gan"]["fd_random"] < m["pixel"]["fd_random"]
             lines += ["", f"Target: pix2pix's FD lower than pixel-only's: {'met' if met else 'missed'}.", ""]
