@@ -16,6 +16,22 @@ from typing import Callable
 
 _BUILDERS: dict[str, dict[str, Callable]] = {}
 
+# (family, arch) -> {how the CPU computes bf16: precision}: what `trainer.precision=auto` takes on
+# a CPU with native bf16 for networks where `python -m bench.precision` measured another precision
+# faster than bf16 (bench/results/precision.md). Keyed by the CPU's bf16 instructions ("amx": AMX
+# tiles; "avx512_bf16": AVX512-BF16 dot products, as on AMD Zen 4), since which precision wins
+# depends on them. Unlisted archs train in bf16 on such CPUs; CUDA is not affected.
+# Measured 2026-12-05 on one core of a shared Xeon VM (AMX), the "avx512_bf16" column with
+# oneDNN capped below AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16); bf16/fp32 step time: 1.11-1.23
+# there for every network below, 0.61-0.88 with AMX (so "amx" keeps bf16).
+CPU_PRECISION: dict[tuple[str, str], dict[str, str]] = {
+    ("gan", "r3gan"): {"avx512_bf16": "fp32"},  # 1.21
+    ("gan", "stylegan2"): {"avx512_bf16": "fp32"},  # 1.13
+    ("gan", "dcgan"): {"avx512_bf16": "fp32"},  # 1.23 photos (64 channels), 1.11 digits
+    ("vae", "conv"): {"avx512_bf16": "fp32"},  # 1.12
+    ("paired", "esrgan"): {"avx512_bf16": "fp32"},  # 1.14
+    ("paired", "pix2pix"): {"avx512_bf16": "fp32"},  # 1.15
+}
 
 def register(family: str, arch: str) -> Callable[[Callable], Callable]:
     """Decorator: make `builder(model_cfg, data_cfg)` the one for `model.arch == arch` in `family`."""
@@ -31,6 +47,12 @@ def register(family: str, arch: str) -> Callable[[Callable], Callable]:
 def archs(family: str) -> tuple[str, ...]:
     """The architectures registered for a family, in registration order."""
     return tuple(_BUILDERS.get(family, {}))
+
+
+def cpu_precision(family: str, arch: str, bf16_isa: str) -> str | None:
+    """The measured precision `auto` should take for this architecture on a CPU computing bf16
+    with `bf16_isa` ("amx" or "avx512_bf16"), or None where nothing was measured to beat bf16."""
+    return CPU_PRECISION.get((family, arch), {}).get(bf16_isa)
 
 
 def build(family: str, model_cfg, data_cfg, **options):

@@ -21,7 +21,7 @@ from trainers.runtime.checkpoint import Checkpointer
 from trainers.runtime.clock import Clock
 from trainers.runtime.data_feed import DataFeed
 from trainers.runtime.distributed import any_rank, barrier, init_distributed, shutdown
-from trainers.runtime.engines import resolve_precision
+from trainers.runtime.engines import precision_choice
 from trainers.runtime.faults import NonFiniteFault
 from trainers.runtime.guard import weights_finite
 from trainers.runtime.meter import Meter
@@ -87,7 +87,7 @@ class Run:
             (self.dir / "config.yaml").write_text(to_yaml(cfg))
         barrier()
         seed_everything(cfg.run.seed)  # identical initial weights on every rank
-        self.precision = resolve_precision(cfg.trainer.precision, dist_info.device)
+        self.precision, why = precision_choice(cfg.trainer.precision, dist_info.device, cfg.kind, cfg.model.get("arch"))
         self.task = build_task(cfg, dist_info, self.precision)
         self.clock = Clock(images_per_step=cfg.data.batch_size * dist_info.world_size)
         self.checkpointer = Checkpointer(self.dir / "checkpoints", dist_info, cfg.trainer.keep_checkpoints)
@@ -106,8 +106,9 @@ class Run:
         self.meter, self.skipped = Meter(), Counter()
         self.steps_since_log, self.tick = 0, time.perf_counter()
         self.nonfinite_in_row, self.rollbacks_in_row = 0, 0
+        precision = f"{self.precision} ({why})" if why else self.precision
         self.say(f"{cfg.kind} run '{cfg.run.name}' in {self.dir}: {dist_info.world_size} process(es) on "
-                 f"{dist_info.device.type}, {self.precision}, ZeRO-{cfg.trainer.zero_stage}, {len(self.shards)} shard(s), "
+                 f"{dist_info.device.type}, {precision}, ZeRO-{cfg.trainer.zero_stage}, {len(self.shards)} shard(s), "
                  f"steps {self.clock.step}->{cfg.trainer.max_steps}")
         self.bar = tqdm(total=cfg.trainer.max_steps, initial=self.clock.step, unit="step", dynamic_ncols=True,
                         disable=not (dist_info.is_main and cfg.trainer.progress), mininterval=1.0, file=sys.stderr)

@@ -11,6 +11,7 @@ from torch import nn
 from configs import ConfigError
 
 from models.blocks import edge_convs_as_gemm, to_channels_last
+from models.registry import cpu_precision
 from trainers.runtime.distributed import DistInfo
 from trainers.runtime.safe_load import use_safe_loading
 
@@ -19,17 +20,35 @@ class PrecisionError(ConfigError):
     """The requested precision cannot run on this device."""
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """Map trainer.precision (auto/bf16/fp16/fp32) to what this device will actually run."""
+def resolve_precision(requested: str, device: torch.device, family: str | None = None,
+                      arch: str | None = None) -> str:
+    """Map trainer.precision (auto/bf16/fp16/fp32) to what this device will actually run; `family`
+    (the config's kind) and `arch` (model.arch) let `auto` take the network's measured CPU choice."""
+    return precision_choice(requested, device, family, arch)[0]
+
+
+def precision_choice(requested: str, device: torch.device, family: str | None = None,
+                     arch: str | None = None) -> tuple[str, str]:
+    """(precision, why): `why` says how `auto` decided ("" for an explicit request).
+
+    On a CPU with native bf16, `auto` takes bf16 unless models.registry.cpu_precision names
+    another precision for the architecture and this CPU's bf16 instructions: grouped or modulated
+    convolutions can run slower in bf16 than in fp32 (measured per network by bench/precision.py)."""
     if device.type == "cpu":
         if requested == "fp16":
             raise PrecisionError("trainer.precision=fp16 needs CUDA (fp16 loss scaling); use bf16 or fp32 on CPU")
-        if requested == "auto":
-            return "bf16" if cpu_has_native_bf16() else "fp32"
-        return requested
+        if requested != "auto":
+            return requested, ""
+        if not cpu_has_native_bf16():
+            return "fp32", "auto: no native bf16 on this CPU"
+        isa = cpu_bf16_isa()
+        measured = cpu_precision(family, arch, isa) if family and arch and isa else None
+        if measured in (None, "bf16"):
+            return "bf16", "auto: native bf16 on this CPU"
+        return measured, f"auto: faster than bf16 for {arch} on an {isa} CPU, bench/precision.py"
     if requested == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return requested
+        return ("bf16", "auto") if torch.cuda.is_bf16_supported() else ("fp16", "auto: no bf16 on this GPU")
+    return requested, ""
 
 
 def cpu_has_native_bf16() -> bool:
@@ -38,7 +57,27 @@ def cpu_has_native_bf16() -> bool:
     Without it PyTorch emulates bf16 convolutions: measured 14x slower than fp32 on an AVX2
     EPYC core, so `auto` trains in fp32 there; bf16 can still be asked for explicitly.
     """
-    return torch.backends.cpu.get_cpu_capability() in ("AVX512_BF16", "AMX") or _cpuinfo_flags() >= {"avx512_bf16"}
+    return cpu_bf16_isa() is not None
+
+
+def cpu_bf16_isa() -> str | None:
+    """How this CPU computes bf16: "amx" (AMX tiles: Intel Sapphire Rapids and later),
+    "avx512_bf16" (dot-product instructions only: Cooper Lake, AMD Zen 4), or None (emulated).
+    Which precision trains a network faster differs between the two (a 64-channel 3x3 conv in
+    bf16: 4.8x fp32's speed with AMX, 1.03x with AVX512-BF16 alone, on one Xeon core), so
+    measured preferences (models.registry.CPU_PRECISION) are kept per kind. oneDNN capped below
+    AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) counts as "avx512_bf16"."""
+    capability, flags = torch.backends.cpu.get_cpu_capability(), _cpuinfo_flags()
+    if (capability == "AMX" or "amx_bf16" in flags) and _onednn_may_use_amx():
+        return "amx"
+    if capability in ("AVX512_BF16", "AMX") or "avx512_bf16" in flags:
+        return "avx512_bf16"
+    return None
+
+
+def _onednn_may_use_amx() -> bool:
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return cap in ("ALL", "DEFAULT") or "AMX" in cap
 
 
 def _cpuinfo_flags() -> set[str]:
