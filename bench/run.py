@@ -121,7 +121,7 @@ def to_markdown(results: dict) -> str:
         lines.append("")
     trainer = results.get("trainer", {})
     if trainer:
-        lines += ["**Trainer step** (ms/step, single process, fp32, 1 thread, digits presets' batch and model; "
+        lines += ["**Trainer step** (ms/step, single process, fp32, 1 thread, each preset's batch and model; "
                   "synthetic uint8 batch)", "",
                   "| model | bare loop | task step (DeepSpeed) | loop step (+logging) | task / bare | loop / task | "
                   "EMA | samples+ckpt amortised | trainer_step_vs_bare_loop |",

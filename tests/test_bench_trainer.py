@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from bench import trainer as bt
-from test_paired import one_rank  # noqa: F401 - the fixture: a world of one in this process
 from trainers.runtime.clock import Clock
 
 SMALL = ("model.g_channels=8", "model.d_channels=8", "data.batch_size=8")
@@ -25,7 +24,7 @@ def _fraction_apart(a: torch.nn.Module, b: torch.nn.Module) -> float:
 
 
 @pytest.mark.parametrize("preset", ["gan_photos", "gan_photos_stylegan2"])
-def test_bare_gan_loop_reproduces_the_task_step(tmp_path, one_rank, one_thread, preset):  # noqa: F811
+def test_bare_gan_loop_reproduces_the_task_step(tmp_path, one_rank, one_thread, preset):
     """From the same weights and noise stream, 8 steps (two with lazy R1/R2 or path length, ADA
     augmenting at p=0.3, the EMA every step) leave the bare loop's G, D and EMA where the task's
     are, up to fused-vs-plain AdamW rounding (see _fraction_apart)."""
@@ -63,7 +62,7 @@ def test_paired_synthetic_batch_has_inputs_scale_times_smaller():
     assert cfg.loss.adv_start_step == 0 and bt.cadence(cfg) == 16
 
 
-def test_precision_bench_times_both_precisions(tmp_path, one_rank, one_thread):  # noqa: F811
+def test_precision_bench_times_both_precisions(tmp_path, one_rank, one_thread):
     from bench import precision
 
     results = precision.run(["gan_digits"], 1, 1, tmp_path)

@@ -1,13 +1,11 @@
 """Paired image-to-image training (pix2pix, ESRGAN-style 4x super-resolution) and `gentrain translate`."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -95,20 +93,6 @@ def test_bad_paired_configs_are_refused_in_one_line(overrides, message):
 
 
 # ---- one step of the task (in this process, one rank) -------------------------------------------
-@pytest.fixture
-def one_rank(monkeypatch):
-    """A world of one in this process; its RANK/MASTER_PORT do not leak into later `gentrain` children."""
-    import socket
-
-    from trainers.runtime.distributed import init_distributed
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(port)}.items():
-        monkeypatch.setenv(key, os.environ.get(key, value) if key != "MASTER_PORT" else value)
-    return init_distributed()
 
 
 def _task(tmp_path, overrides, dist_info):
