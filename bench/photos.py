@@ -141,8 +141,9 @@ def main(argv=None) -> int:
     (args.out / "photos.json").write_text(json.dumps({"minutes": args.minutes, "load_avg": load, "rows": rows},
                                                      indent=1, default=str))
     head = "| model | kimg | s/kimg | fd_random | kid_random | fd_domain | kid_domain | cond. accuracy | class coverage | class TV |"
-    lines = [f"Budget {args.minutes:g} min per model, {args.n} images a side; load average at end "
-             f"{load[0]:.1f}.", "", head, "|" + "---|" * 10]
+    threads = os.environ.get("OMP_NUM_THREADS", "the launcher's default")
+    lines = [f"Budget {args.minutes:g} min per model, {args.n} images a side; OMP_NUM_THREADS={threads}; "
+             f"load average at end {load[0]:.1f}.", "", head, "|" + "---|" * 10]
     for name, r in rows.items():
         lines.append(f"| {name} | {r['images_seen'] / 1000:.0f} | {r['s_per_kimg']:.1f} | {r['fd_random']:.3f} | "
                      f"{r['kid_random']:.4f} | {r['fd_domain']:.1f} | {r['kid_domain']:.3f} | "
