@@ -434,11 +434,9 @@ def test_run_from_s3_killed_with_9_resumes_to_the_local_weights(s3, local_refere
     """`shards build --out s3://...` (moto's server, GENTRAIN_S3_ENDPOINT), a 2-process run from
     s3://gentrain/digits/, kill -9 of every process of the job once a checkpoint exists, and the
     resumed run: bitwise the weights of the uninterrupted local run."""
-    import random
-
     from bench.faults import kill_whole_job, wait_all_gone
     from tests.conftest import run_gentrain
-    from tests.test_resilience import launch_args, start_background
+    from tests.test_resilience import kill_delay, launch_args, start_background
 
     run_gentrain("shards", "build", "digits", "--out", "s3://gentrain/e2e", "--shard-size", 256, "--quiet")
     assert read_manifest("s3://gentrain/e2e")["shards"] == read_manifest(digit_shards)["shards"]
@@ -450,7 +448,7 @@ def test_run_from_s3_killed_with_9_resumes_to_the_local_weights(s3, local_refere
     while not latest.exists() and time.time() < deadline:
         assert proc.poll() is None, "the run ended early"
         time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 1.0))  # at a random moment after the first checkpoint (step 3 of 14)
+    time.sleep(kill_delay(local_reference))  # a random moment before the run could end
     assert proc.poll() is None, "the run ended before it could be killed"
     killed = kill_whole_job(proc.pid)
     proc.wait()

@@ -31,6 +31,15 @@ def start_background(args) -> subprocess.Popen:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def kill_delay(reference: Path) -> float:
+    """Seconds to wait after a run's first checkpoint (step 3) before killing it: a random moment
+    inside the uninterrupted `reference` run's own window from then to its end (mid-step, mid-save,
+    ...), whatever the speed of the machine; a fixed 0-1 or 0-3 s often landed after a fast machine
+    had finished the run, leaving nothing to kill."""
+    times = {r["step"]: r["time"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())}
+    return random.uniform(0.0, 0.6 * max(times[14] - times[4], 0.2))
+
+
 def latest_checkpoint(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / (run_dir / "checkpoints" / "latest").read_text().strip()
 
@@ -40,19 +49,13 @@ def test_kill_9_at_a_random_moment_then_resume_is_bitwise_identical(tmp_path, di
     reference = tmp_path / "uninterrupted"
     run_gentrain(*launch_args(preset, reference, digit_shards))
 
-    # The reference's pace from its first checkpoint (step 3) to its end: the kill lands at a random
-    # moment inside that window (mid-step, mid-save, ...), whatever the speed of the machine; a fixed
-    # 0-3 s often landed after an idle machine had finished the run.
-    times = {r["step"]: r["time"] for r in map(json.loads, (reference / "metrics.jsonl").read_text().splitlines())}
-    window = max(times[14] - times[4], 0.2)
-
     interrupted = tmp_path / "interrupted"
     proc = start_background(launch_args(preset, interrupted, digit_shards))
     latest = interrupted / "checkpoints" / "latest"
     deadline = time.time() + 300
     while not latest.exists() and time.time() < deadline:  # kill only once a checkpoint exists
         time.sleep(0.05)
-    time.sleep(random.uniform(0.0, 0.6 * window))
+    time.sleep(kill_delay(reference))
     # Every process of the job at once, each by pid (a machine crash): not the launcher's process
     # group, which misses torchrun's workers (sessions of their own); survivors would finish the run.
     killed = kill_whole_job(proc.pid)
