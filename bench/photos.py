@@ -61,9 +61,8 @@ def train_for(name: str, overrides: list[str], minutes: float, work: Path, train
     return run
 
 
-def ada_trace(run: Path) -> dict:
+def ada_trace(records: list[dict]) -> dict:
     """ADA's augmentation probability p over the run: at each quarter of the logged steps and at the end."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     p = [(r["step"], r["ada/p"]) for r in records if "ada/p" in r]
     if not p:
         return {}
@@ -81,8 +80,7 @@ def keep_last_grid(run: Path, out: Path) -> str | None:
     return out.name
 
 
-def seconds_per_kimg(run: Path) -> tuple[float, int]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+def seconds_per_kimg(records: list[dict]) -> tuple[float, int]:
     first, last = records[0], records[-1]
     images = last["images_seen"] - first["images_seen"]
     return (last["time"] - first["time"]) / max(images / 1000, 1e-9), int(last["images_seen"])
@@ -119,6 +117,7 @@ def main(argv=None) -> int:
     train, test = build_data(args.work)
     from trainers.judge.extractors import fit_domain_extractor, get_extractor
     from trainers.judge.quality import read_images
+    from trainers.judge.report_measure import read_metrics_log
 
     domain_path = args.work / "domain.safetensors"
     if not domain_path.exists():
@@ -129,9 +128,10 @@ def main(argv=None) -> int:
     rows = {}
     for name in args.models.split(","):
         run = train_for(name, MODELS[name], args.minutes, args.work, train, test)
-        s_kimg, images = seconds_per_kimg(run)
+        records = read_metrics_log(run)
+        s_kimg, images = seconds_per_kimg(records)
         rows[name] = {"s_per_kimg": s_kimg, "images_seen": images, **judge(run, test, domain, args.n, num_classes),
-                      **ada_trace(run), "grid": keep_last_grid(run, args.out / f"photos_{name}.png")}
+                      **ada_trace(records), "grid": keep_last_grid(run, args.out / f"photos_{name}.png")}
         print(f"[bench.photos] {name}: {json.dumps({k: v for k, v in rows[name].items() if k != 'extractor'})}",
               flush=True)
     load = os.getloadavg()
