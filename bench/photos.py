@@ -2,7 +2,7 @@
 the same wall-clock budget each: Frechet distance and KID on the held-out split (random and
 domain extractors), class-conditional accuracy, per-class coverage and s/kimg.
 
-    python -m bench.photos [--minutes 20] [--work /tmp/gentrain-photos] [--out bench/results]
+    python -m bench.photos [--minutes 20] [--jobs 2] [--work /tmp/gentrain-photos] [--out bench/results]
 
 Each model is `configs/gan_photos.yaml` with its architecture (DCGAN keeps the digits preset's
 loss: nonsaturating + lazy R1, and no mode-seeking term), trained by the real `gentrain train` for `--minutes` and then
@@ -18,13 +18,17 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
 ROOT = Path(__file__).resolve().parents[1]
+# The photo DCGAN: configs/gan_photos.yaml with the digits preset's network and loss (also timed
+# by bench.precision).
+DCGAN_OVERRIDES = ["model.arch=dcgan", "loss.loss=nonsaturating", "loss.r1_gamma=1.0", "loss.r2_gamma=0",
+                   "loss.r1_every=4", "loss.mode_seeking=0", "model.g_channels=64", "model.d_channels=64"]
 MODELS = {
-    "dcgan": ["model.arch=dcgan", "loss.loss=nonsaturating", "loss.r1_gamma=1.0", "loss.r2_gamma=0",
-              "loss.r1_every=4", "loss.mode_seeking=0", "model.g_channels=64", "model.d_channels=64"],
+    "dcgan": DCGAN_OVERRIDES,
     "r3gan": [],
     "stylegan2": ["--preset", "configs/gan_photos_stylegan2.yaml"],
 }
@@ -39,8 +43,8 @@ def build_data(work: Path) -> tuple[Path, Path]:
     return train, test
 
 
-def train_for(name: str, overrides: list[str], minutes: float, work: Path, train: Path, test: Path) -> Path:
-    """`gentrain train` for `minutes` of wall clock, then SIGTERM (checkpoint + exit 75)."""
+def train_command(name: str, overrides: list[str], work: Path, train: Path, test: Path) -> tuple[list[str], Path]:
+    """The `gentrain train` command line of one model and its run folder."""
     preset = "configs/gan_photos.yaml"
     if overrides[:1] == ["--preset"]:
         preset, overrides = overrides[1], overrides[2:]
@@ -48,17 +52,41 @@ def train_for(name: str, overrides: list[str], minutes: float, work: Path, train
     cmd = [sys.executable, "-m", "launcher.cli", "train", preset, f"run.dir={run}", f"data.shards={train}",
            f"metrics.shards={test}", "trainer.max_steps=1000000", "trainer.resume=never", "trainer.progress=false",
            "wandb.mode=disabled", "metrics.every_kimg=0", *overrides]
-    print(f"[bench.photos] {name}: {' '.join(cmd[3:])}", flush=True)
-    with open(work / f"{name}.log", "w") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            proc.wait(timeout=minutes * 60)
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=600)
-    if proc.returncode not in (0, 75):
-        raise RuntimeError(f"{name} exited {proc.returncode}; see {work / f'{name}.log'}")
-    return run
+    return cmd, run
+
+
+def run_for(commands: dict[str, list[str]], minutes: float, logs: Path, cores: list[int] | None) -> None:
+    """Run each command for at most `minutes` of wall clock, then SIGTERM it (a trainer
+    checkpoints at its next step and exits 75); output to logs/NAME.log.
+
+    With `cores`, up to len(cores) commands run at once, each on its own core with one OpenMP
+    thread: a 2-thread trainer beside another process slows 10-50x (spin-waiting threads), one
+    pinned thread per core does not. Without, one at a time with the inherited settings."""
+    pending, running = list(commands.items()), {}
+    free = list(cores) if cores else [None]
+    while pending or running:
+        while pending and free:
+            name, cmd = pending.pop(0)
+            core = free.pop(0)
+            env = dict(os.environ, **({"OMP_NUM_THREADS": "1"} if core is not None else {}))
+            pin = (lambda c=core: os.sched_setaffinity(0, {c})) if core is not None else None
+            print(f"[bench.photos] {name}{f' (core {core})' if core is not None else ''}: {' '.join(cmd[3:])}",
+                  flush=True)
+            log = open(logs / f"{name}.log", "w")
+            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
+            running[name] = (proc, core, log, time.monotonic() + minutes * 60)
+        time.sleep(0.2)
+        for name, (proc, core, log, deadline) in list(running.items()):
+            if proc.poll() is None and time.monotonic() < deadline:
+                continue
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=600)
+            log.close()
+            del running[name]
+            free.append(core)
+            if proc.returncode not in (0, 75):
+                raise RuntimeError(f"{name} exited {proc.returncode}; see {logs / f'{name}.log'}")
 
 
 def ada_trace(records: list[dict]) -> dict:
@@ -110,6 +138,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--n", type=int, default=1000, help="images a side for FD/KID")
     parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="models trained at once, each pinned to its own core with one thread (1: one at a "
+                             "time, threads as inherited)")
     args = parser.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gentrain" / "torch_extensions"))
@@ -126,8 +157,15 @@ def main(argv=None) -> int:
     domain = get_extractor("domain", domain_path=domain_path)
     num_classes = json.loads((train / "manifest.json").read_text())["num_classes"]
     rows = {}
+    available = sorted(os.sched_getaffinity(0))
+    if args.jobs > len(available):
+        parser.error(f"--jobs {args.jobs}: this process may use {len(available)} cores ({available})")
+    cores = available[:args.jobs] if args.jobs > 1 else None
+    commands, runs = {}, {}
     for name in args.models.split(","):
-        run = train_for(name, MODELS[name], args.minutes, args.work, train, test)
+        commands[name], runs[name] = train_command(name, MODELS[name], args.work, train, test)
+    run_for(commands, args.minutes, args.work, cores)
+    for name, run in runs.items():
         records = read_metrics_log(run)
         s_kimg, images = seconds_per_kimg(records)
         rows[name] = {"s_per_kimg": s_kimg, "images_seen": images, **judge(run, test, domain, args.n, num_classes),
@@ -139,7 +177,7 @@ def main(argv=None) -> int:
     (args.out / "photos.json").write_text(json.dumps({"minutes": args.minutes, "load_avg": load, "rows": rows},
                                                      indent=1, default=str))
     head = "| model | kimg | s/kimg | fd_random | kid_random | fd_domain | kid_domain | cond. accuracy | class coverage | class TV |"
-    threads = os.environ.get("OMP_NUM_THREADS", "the launcher's default")
+    threads = "1, one core per model" if cores else os.environ.get("OMP_NUM_THREADS", "the launcher's default")
     lines = [f"Budget {args.minutes:g} min per model, {args.n} images a side; OMP_NUM_THREADS={threads}; "
              f"load average at end {load[0]:.1f}.", "", head, "|" + "---|" * 10]
     for name, r in rows.items():

@@ -88,3 +88,34 @@ def test_reader_memory_check_counts_the_loader_workers(tmp_path):
     # A worker is a second Python with torch imported: its RSS is in the sum.
     assert with_worker["rss_end_mib"] > alone["rss_end_mib"] + 50
     assert with_worker["peak_rss_mib"] >= with_worker["rss_end_mib"]
+
+
+def test_photo_bench_pins_one_thread_per_core_and_stops_each_run_at_its_budget(tmp_path):
+    """bench.photos --jobs 2: at most two commands at once, each alone on its own core with
+    OMP_NUM_THREADS=1, and each sent SIGTERM when its wall-clock budget is spent."""
+    import os
+    import time
+
+    from bench.photos import run_for
+
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    probe = ("import json, os, signal, sys, time; "
+             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); "
+             "print(json.dumps([sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'], time.time()]), flush=True); "
+             "time.sleep(60)")
+    commands = {f"p{i}": [sys.executable, "-c", probe] for i in range(3)}
+    start = time.monotonic()
+    run_for(commands, 1.5 / 60, tmp_path, cores)
+    assert time.monotonic() - start < 30  # a 60 s sleep each, stopped after 1.5 s
+    seen = [json.loads((tmp_path / f"p{i}.log").read_text()) for i in range(3)]
+    assert all(len(affinity) == 1 and affinity[0] in cores and threads == "1" for affinity, threads, _ in seen)
+    if len(cores) == 2:
+        assert seen[0][0] != seen[1][0]  # the first two ran side by side on different cores
+        assert seen[2][2] - min(seen[0][2], seen[1][2]) > 1.0  # the third waited for a free core
+
+
+def test_a_failing_photo_bench_run_is_named(tmp_path):
+    from bench.photos import run_for
+
+    with pytest.raises(RuntimeError, match="bad exited 3"):
+        run_for({"bad": [sys.executable, "-c", "raise SystemExit(3)"]}, 1.0, tmp_path, None)
