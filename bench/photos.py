@@ -5,8 +5,9 @@ domain extractors), class-conditional accuracy, per-class coverage and s/kimg.
     python -m bench.photos [--minutes 20] [--jobs 2] [--work /tmp/gentrain-photos] [--out bench/results]
 
 Each model is `configs/gan_photos.yaml` with its architecture (DCGAN keeps the digits preset's
-loss: nonsaturating + lazy R1, and no mode-seeking term, at two learning rates), trained by the real `gentrain train` for `--minutes` and then
-stopped with SIGTERM: it checkpoints at the next step and exits 75, as on a preempted cluster.
+loss: nonsaturating + lazy R1, and no mode-seeking term, at two learning rates), trained by the
+real `gentrain train` for `--minutes` and then stopped with SIGTERM: it checkpoints at the next
+step and exits 75, as on a preempted cluster. `--jobs 2` trains two at a time, one per core.
 The judge is a domain classifier fitted on the real train crops (trainers.judge.extractors): it
 reads a sample generated for class k as some class; conditional accuracy is how often that is k.
 """
@@ -66,29 +67,36 @@ def run_for(commands: dict[str, list[str]], minutes: float, logs: Path, cores: l
     pinned thread per core does not. Without, one at a time with the inherited settings."""
     pending, running = list(commands.items()), {}
     free = list(cores) if cores else [None]
-    while pending or running:
-        while pending and free:
-            name, cmd = pending.pop(0)
-            core = free.pop(0)
-            env = dict(os.environ, **({"OMP_NUM_THREADS": "1"} if core is not None else {}))
-            pin = (lambda c=core: os.sched_setaffinity(0, {c})) if core is not None else None
-            print(f"[bench.photos] {name}{f' (core {core})' if core is not None else ''}: {' '.join(cmd[3:])}",
-                  flush=True)
-            log = open(logs / f"{name}.log", "w")
-            proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
-            running[name] = (proc, core, log, time.monotonic() + minutes * 60)
-        time.sleep(0.2)
-        for name, (proc, core, log, deadline) in list(running.items()):
-            if proc.poll() is None and time.monotonic() < deadline:
-                continue
+    try:
+        while pending or running:
+            while pending and free:
+                name, cmd = pending.pop(0)
+                core = free.pop(0)
+                env = dict(os.environ, **({"OMP_NUM_THREADS": "1"} if core is not None else {}))
+                pin = (lambda c=core: os.sched_setaffinity(0, {c})) if core is not None else None
+                print(f"[bench.photos] {name}{f' (core {core})' if core is not None else ''}: {' '.join(cmd[3:])}",
+                      flush=True)
+                log = open(logs / f"{name}.log", "w")
+                proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=pin)
+                running[name] = (proc, core, log, time.monotonic() + minutes * 60)
+            time.sleep(0.2)
+            for name, (proc, core, log, deadline) in list(running.items()):
+                if proc.poll() is None and time.monotonic() < deadline:
+                    continue
+                if proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=600)
+                log.close()
+                del running[name]
+                free.append(core)
+                if proc.returncode not in (0, 75):
+                    raise RuntimeError(f"{name} exited {proc.returncode}; see {logs / f'{name}.log'}")
+    finally:  # a failed run (or ^C) stops the others instead of leaving them training
+        for proc, _, log, _ in running.values():
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait(timeout=600)
+                proc.kill()
+                proc.wait()
             log.close()
-            del running[name]
-            free.append(core)
-            if proc.returncode not in (0, 75):
-                raise RuntimeError(f"{name} exited {proc.returncode}; see {logs / f'{name}.log'}")
 
 
 def ada_trace(records: list[dict]) -> dict:

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,7 +103,8 @@ def test_photo_bench_pins_one_thread_per_core_and_stops_each_run_at_its_budget(t
     cores = sorted(os.sched_getaffinity(0))[:2]
     probe = ("import json, os, signal, sys, time; "
              "signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); "
-             "print(json.dumps([sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'], time.time()]), flush=True); "
+             "state = [sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'], time.time()]; "
+             "print(json.dumps(state), flush=True); "
              "time.sleep(60)")
     commands = {f"p{i}": [sys.executable, "-c", probe] for i in range(3)}
     start = time.monotonic()
@@ -114,8 +117,17 @@ def test_photo_bench_pins_one_thread_per_core_and_stops_each_run_at_its_budget(t
         assert seen[2][2] - min(seen[0][2], seen[1][2]) > 1.0  # the third waited for a free core
 
 
-def test_a_failing_photo_bench_run_is_named(tmp_path):
+def test_a_failing_photo_bench_run_is_named_and_stops_the_others(tmp_path):
     from bench.photos import run_for
 
+    long = "import os, time; print(os.getpid(), flush=True); time.sleep(60)"
+    bad = "import time; time.sleep(1.0); raise SystemExit(3)"
+    cores = sorted(os.sched_getaffinity(0))[:2]
+    start = time.monotonic()
     with pytest.raises(RuntimeError, match="bad exited 3"):
-        run_for({"bad": [sys.executable, "-c", "raise SystemExit(3)"]}, 1.0, tmp_path, None)
+        run_for({"long": [sys.executable, "-c", long], "bad": [sys.executable, "-c", bad]}, 1.0, tmp_path,
+                cores if len(cores) == 2 else [cores[0], cores[0]])
+    assert time.monotonic() - start < 30  # the 60 s sleeper was stopped, not waited for
+    pid = int((tmp_path / "long.log").read_text())
+    with pytest.raises(ProcessLookupError):  # killed and reaped, not left training
+        os.kill(pid, 0)
