@@ -195,12 +195,12 @@ def run(names, steps: int, rounds: int, root: Path) -> dict:
         presets[name] = r = bench_preset(name, steps, rounds, root)
         print(f"[bench.precision] {name}: fp32 {r['ms_per_step']['fp32']:.1f} ms, bf16 {r['ms_per_step']['bf16']:.1f} "
               f"ms, bf16/fp32 {r['bf16_vs_fp32']:.2f}", flush=True)
-    isa = cpu_bf16_isa()
+    isa, by_arch = cpu_bf16_isa(), per_arch(presets)
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
     return {"machine": info, "bf16_isa": isa, "onednn_max_cpu_isa": cap, "threads": 1,
             "load_avg_at_start": info["load_avg_at_start"], "load_avg_at_end": os.getloadavg(),
-            "seconds": time.perf_counter() - started, "presets": presets, "per_arch": per_arch(presets),
-            "suggested_cpu_precision": suggested_table(per_arch(presets), isa)}
+            "seconds": time.perf_counter() - started, "presets": presets, "per_arch": by_arch,
+            "suggested_cpu_precision": suggested_table(by_arch, isa)}
 
 
 def suggested_table(arch_figures: dict, isa: str | None) -> dict:

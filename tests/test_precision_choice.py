@@ -9,7 +9,7 @@ import torch
 import models
 from models import registry
 from trainers.runtime import engines
-from trainers.runtime.engines import PrecisionError, precision_choice, resolve_precision
+from trainers.runtime.engines import PrecisionError, precision_choice
 
 CPU = torch.device("cpu")
 
@@ -17,13 +17,11 @@ CPU = torch.device("cpu")
 @pytest.fixture
 def native_bf16(monkeypatch):
     """A CPU with AVX512-BF16 (no AMX), and a table saying fp32 is faster there for the R3GAN networks."""
-    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: True)
     monkeypatch.setattr(engines, "cpu_bf16_isa", lambda: "avx512_bf16")
     monkeypatch.setattr(registry, "CPU_PRECISION", {("gan", "r3gan"): {"avx512_bf16": "fp32", "amx": "bf16"}})
 
 
 def test_auto_takes_the_measured_choice_of_the_arch(native_bf16):
-    assert resolve_precision("auto", CPU, "gan", "r3gan") == "fp32"
     precision, why = precision_choice("auto", CPU, "gan", "r3gan")
     assert precision == "fp32" and "r3gan" in why and "avx512_bf16" in why and "bench/precision.py" in why
 
@@ -45,12 +43,12 @@ def test_explicit_requests_are_honoured(native_bf16, requested, arch):
 
 
 def test_without_native_bf16_auto_is_fp32_and_bf16_can_still_be_asked_for(monkeypatch):
-    monkeypatch.setattr(engines, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(engines, "cpu_bf16_isa", lambda: None)
     monkeypatch.setattr(registry, "CPU_PRECISION", {("gan", "stylegan2"): {"avx512_bf16": "fp32"}})
     assert precision_choice("auto", CPU, "gan", "stylegan2") == ("fp32", "auto: no native bf16 on this CPU")
-    assert resolve_precision("bf16", CPU, "gan", "stylegan2") == "bf16"
+    assert precision_choice("bf16", CPU, "gan", "stylegan2") == ("bf16", "")
     with pytest.raises(PrecisionError, match="fp16 needs CUDA"):
-        resolve_precision("fp16", CPU, "gan", "r3gan")
+        precision_choice("fp16", CPU, "gan", "r3gan")
 
 
 def test_the_shipped_table_names_registered_archs_and_cpu_precisions():

@@ -20,16 +20,11 @@ class PrecisionError(ConfigError):
     """The requested precision cannot run on this device."""
 
 
-def resolve_precision(requested: str, device: torch.device, family: str | None = None,
-                      arch: str | None = None) -> str:
-    """Map trainer.precision (auto/bf16/fp16/fp32) to what this device will actually run; `family`
-    (the config's kind) and `arch` (model.arch) let `auto` take the network's measured CPU choice."""
-    return precision_choice(requested, device, family, arch)[0]
-
-
 def precision_choice(requested: str, device: torch.device, family: str | None = None,
                      arch: str | None = None) -> tuple[str, str]:
-    """(precision, why): `why` says how `auto` decided ("" for an explicit request).
+    """Map trainer.precision (auto/bf16/fp16/fp32) to what this device will run, as (precision,
+    why): `why` says how `auto` decided ("" for an explicit request); `family` (the config's kind)
+    and `arch` (model.arch) let `auto` take the network's measured CPU choice.
 
     On a CPU with native bf16, `auto` takes bf16 unless models.registry.cpu_precision names
     another precision for the architecture and this CPU's bf16 instructions: grouped or modulated
@@ -39,10 +34,10 @@ def precision_choice(requested: str, device: torch.device, family: str | None = 
             raise PrecisionError("trainer.precision=fp16 needs CUDA (fp16 loss scaling); use bf16 or fp32 on CPU")
         if requested != "auto":
             return requested, ""
-        if not cpu_has_native_bf16():
-            return "fp32", "auto: no native bf16 on this CPU"
         isa = cpu_bf16_isa()
-        measured = cpu_precision(family, arch, isa) if family and arch and isa else None
+        if isa is None:
+            return "fp32", "auto: no native bf16 on this CPU"
+        measured = cpu_precision(family, arch, isa) if family and arch else None
         if measured in (None, "bf16"):
             return "bf16", "auto: native bf16 on this CPU"
         return measured, f"auto: faster than bf16 for {arch} on an {isa} CPU, bench/precision.py"
