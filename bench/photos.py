@@ -2,7 +2,8 @@
 the same wall-clock budget each: Frechet distance and KID on the held-out split (random and
 domain extractors), class-conditional accuracy, per-class coverage and s/kimg.
 
-    python -m bench.photos [--minutes 20] [--jobs 2] [--work /tmp/gentrain-photos] [--out bench/results]
+    python -m bench.photos [--minutes 20] [--jobs 2] [--seeds 1] [--models dcgan,r3gan,...]
+                           [--work /tmp/gentrain-photos] [--out bench/results]
 
 Each model is `configs/gan_photos.yaml` with its architecture (DCGAN keeps the digits preset's
 loss: nonsaturating + lazy R1, and no mode-seeking term, at two learning rates), trained by the
@@ -10,6 +11,11 @@ real `gentrain train` for `--minutes` and then stopped with SIGTERM: it checkpoi
 step and exits 75, as on a preempted cluster. `--jobs 2` trains two at a time, one per core.
 The judge is a domain classifier fitted on the real train crops (trainers.judge.extractors): it
 reads a sample generated for class k as some class; conditional accuracy is how often that is k.
+
+`--seeds N` trains every model N times (run.seed 0..N-1): a row is then the mean over seeds with
+the spread across them beside it, which is what a "better on every metric" claim has to beat (one
+run's final checkpoint moves FD_domain by 10-20% from one checkpoint to the next). Rows of models
+not run this time are kept from the earlier results at the same budget, each with its date.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import argparse
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -56,6 +63,67 @@ def train_command(name: str, overrides: list[str], work: Path, train: Path, test
            f"metrics.shards={test}", "trainer.max_steps=1000000", "trainer.resume=never", "trainer.progress=false",
            "wandb.mode=disabled", "metrics.every_kimg=0", *overrides]
     return cmd, run
+
+
+# A row's figures, and which way is better for each of the compared ones (+1: higher).
+FIGURES = ("s_per_kimg", "images_seen", "fd_random", "kid_random", "fd_domain", "kid_domain", "conditional_accuracy",
+           "class_coverage", "class_tv")
+BETTER = {"fd_random": -1, "kid_random": -1, "fd_domain": -1, "kid_domain": -1, "conditional_accuracy": +1,
+          "class_coverage": +1}
+
+
+def run_name(model: str, seed: int) -> str:
+    """The run (and log) name of one model at one seed; seed 0 keeps the model's name."""
+    return model if seed == 0 else f"{model}-seed{seed}"
+
+
+def summarise(per_seed: list[dict]) -> dict:
+    """One model's row from its runs: each figure's mean over seeds and, with several seeds, its
+    standard deviation across them (`NAME_seed_std`) and the runs themselves (`per_seed`)."""
+    row = dict(per_seed[0], seeds=len(per_seed))
+    if len(per_seed) > 1:
+        for key in FIGURES:
+            values = [r[key] for r in per_seed]
+            row[key], row[f"{key}_seed_std"] = statistics.fmean(values), statistics.stdev(values)
+        row["per_seed"] = per_seed
+    return row
+
+
+def verdicts(rows: dict[str, dict]) -> list[str]:
+    """For each model that is not a DCGAN, the metrics on which it is better and worse than each
+    DCGAN row (with several seeds: by more than the larger of the two spreads across seeds)."""
+    lines = []
+    for name, row in rows.items():
+        if name.startswith("dcgan"):
+            continue
+        for base, ref in rows.items():
+            if not base.startswith("dcgan"):
+                continue
+            better, worse, tied = [], [], []
+            for key, sign in BETTER.items():
+                margin = max(row.get(f"{key}_seed_std", 0.0), ref.get(f"{key}_seed_std", 0.0))
+                diff = sign * (row[key] - ref[key])
+                (better if diff > margin else worse if diff < -margin else tied).append(key)
+            lines.append(f"- {name} vs {base}: better on {', '.join(better) or 'none'}; worse on "
+                         f"{', '.join(worse) or 'none'}; tied on {', '.join(tied) or 'none'}")
+    return lines
+
+
+def merge_rows(path: Path, minutes: float, rows: dict[str, dict]) -> dict[str, dict]:
+    """This bench's rows over an earlier results file's: a model not run this time keeps its row
+    when that was measured at the same budget (rows carry their own date and seed count)."""
+    if not path.exists():
+        return rows
+    old = json.loads(path.read_text())
+    kept = {name: {"seeds": 1, "measured": "earlier", **row} for name, row in old.get("rows", {}).items()
+            if name not in rows and row.get("minutes", old.get("minutes")) == minutes}
+    return {**kept, **rows}
+
+
+def cell(row: dict, key: str, fmt: str) -> str:
+    text = format(row[key], fmt)
+    spread = row.get(f"{key}_seed_std")
+    return text if spread is None else f"{text} ± {format(spread, fmt)}"
 
 
 def run_for(commands: dict[str, list[str]], minutes: float, logs: Path, cores: list[int] | None) -> None:
@@ -147,7 +215,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/gentrain-photos"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--n", type=int, default=1000, help="images a side for FD/KID")
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="runs per model (run.seed 0..N-1); rows are means, with the spread across seeds")
     parser.add_argument("--jobs", type=int, default=1,
                         help="models trained at once, each pinned to its own core with one thread (1: one at a "
                              "time, threads as inherited)")
@@ -166,42 +236,65 @@ def main(argv=None) -> int:
         fit_domain_extractor(images, labels, out=domain_path)
     domain = get_extractor("domain", domain_path=domain_path)
     num_classes = json.loads((train / "manifest.json").read_text())["num_classes"]
-    rows = {}
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     available = sorted(os.sched_getaffinity(0))
     if args.jobs > len(available):
         parser.error(f"--jobs {args.jobs}: this process may use {len(available)} cores ({available})")
     cores = available[:args.jobs] if args.jobs > 1 else None
     commands, runs = {}, {}
-    for name in args.models.split(","):
-        commands[name], runs[name] = train_command(name, MODELS[name], args.work, train, test)
+    for name in models:
+        for seed in range(args.seeds):
+            key = run_name(name, seed)
+            commands[key], runs[key] = train_command(key, [*MODELS[name], f"run.seed={seed}"], args.work, train, test)
     run_for(commands, args.minutes, args.work, cores)
-    for name, run in runs.items():
-        records = read_metrics_log(run)
-        s_kimg, images = seconds_per_kimg(records)
-        rows[name] = {"s_per_kimg": s_kimg, "images_seen": images, **judge(run, test, domain, args.n, num_classes),
-                      **ada_trace(records), "grid": keep_last_grid(run, args.out / f"photos_{name}.png")}
-        print(f"[bench.photos] {name}: {json.dumps({k: v for k, v in rows[name].items() if k != 'extractor'})}",
-              flush=True)
+    measured = time.strftime("%Y-%m-%d")
+    rows = {}
+    for name in models:
+        per_seed = []
+        for seed in range(args.seeds):
+            key = run_name(name, seed)
+            records = read_metrics_log(runs[key])
+            s_kimg, images = seconds_per_kimg(records)
+            result = {"seed": seed, "s_per_kimg": s_kimg, "images_seen": images,
+                      **judge(runs[key], test, domain, args.n, num_classes), **ada_trace(records),
+                      "grid": keep_last_grid(runs[key], args.out / f"photos_{name}.png") if seed == 0 else None}
+            print(f"[bench.photos] {key}: {json.dumps({k: v for k, v in result.items() if k != 'extractor'})}",
+                  flush=True)
+            per_seed.append(result)
+        rows[name] = {**summarise(per_seed), "minutes": args.minutes, "measured": measured}
     load = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
+    rows = merge_rows(args.out / "photos.json", args.minutes, rows)
     (args.out / "photos.json").write_text(json.dumps({"minutes": args.minutes, "load_avg": load, "rows": rows},
                                                      indent=1, default=str))
-    head = "| model | kimg | s/kimg | fd_random | kid_random | fd_domain | kid_domain | cond. accuracy | class coverage | class TV |"
+    head = ("| model | seeds | measured | kimg | s/kimg | fd_random | kid_random | fd_domain | kid_domain | "
+            "cond. accuracy | class coverage | class TV |")
     threads = "1, one core per model" if cores else os.environ.get("OMP_NUM_THREADS", "the launcher's default")
     lines = [f"Budget {args.minutes:g} min per model, {args.n} images a side; OMP_NUM_THREADS={threads}; "
-             f"load average at end {load[0]:.1f}.", "", head, "|" + "---|" * 10]
+             f"load average at end {load[0]:.1f}. With several seeds: mean ± standard deviation across them.",
+             "", head, "|" + "---|" * 12]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['images_seen'] / 1000:.0f} | {r['s_per_kimg']:.1f} | {r['fd_random']:.3f} | "
-                     f"{r['kid_random']:.4f} | {r['fd_domain']:.1f} | {r['kid_domain']:.3f} | "
-                     f"{r['conditional_accuracy']:.2f} | {r['class_coverage']:.2f} | {r['class_tv']:.2f} |")
+        lines.append(f"| {name} | {r.get('seeds', 1)} | {r.get('measured', '')} | {r['images_seen'] / 1000:.0f} | "
+                     f"{r['s_per_kimg']:.1f} | {cell(r, 'fd_random', '.3f')} | {cell(r, 'kid_random', '.4f')} | "
+                     f"{cell(r, 'fd_domain', '.1f')} | {cell(r, 'kid_domain', '.3f')} | "
+                     f"{cell(r, 'conditional_accuracy', '.3f')} | {cell(r, 'class_coverage', '.2f')} | "
+                     f"{r['class_tv']:.2f} |")
     lines.append("")
     for name, r in rows.items():
-        trace = ", ".join(f"{v:g} at step {step}" for step, v in r.get("ada_p", []))
-        lines.append(f"- {name}: ADA p {trace or 'not logged'}; grid (one row per class): {r.get('grid')}")
+        for run in r.get("per_seed", [r]):
+            trace = ", ".join(f"{v:g} at step {step}" for step, v in run.get("ada_p", []))
+            lines.append(f"- {run_name(name, run.get('seed', 0))}: ADA p {trace or 'not logged'}; "
+                         f"grid (one row per class): {run.get('grid')}")
+    lines += ["", "Against the DCGANs (a difference within the larger spread across seeds is a tie):", "",
+              *verdicts(rows)]
     (args.out / "photos.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -131,3 +131,31 @@ def test_a_failing_photo_bench_run_is_named_and_stops_the_others(tmp_path):
     pid = int((tmp_path / "long.log").read_text())
     with pytest.raises(ProcessLookupError):  # killed and reaped, not left training
         os.kill(pid, 0)
+
+
+def test_photo_bench_rows_are_seed_means_and_a_win_must_clear_the_spread(tmp_path):
+    """bench.photos --seeds: a row is the mean over seeds with the spread beside it; a modern
+    network is only 'better' than a DCGAN where the difference is larger than that spread; rows
+    of models not run this time are kept from the earlier file at the same budget only."""
+    from bench.photos import FIGURES, merge_rows, summarise, verdicts
+
+    def run(seed, fd, acc):
+        return {**{k: 1.0 for k in FIGURES}, "seed": seed, "fd_random": fd, "conditional_accuracy": acc,
+                "fd_domain": 10.0, "kid_random": 0.001, "kid_domain": 0.1, "class_coverage": 1.0}
+
+    r3 = summarise([run(0, 0.5, 0.90), run(1, 0.7, 0.92)])
+    assert r3["seeds"] == 2 and r3["fd_random"] == pytest.approx(0.6) and r3["fd_random_seed_std"] == pytest.approx(0.1414, abs=1e-4)
+    assert [r["seed"] for r in r3["per_seed"]] == [0, 1]
+    dc = summarise([run(0, 0.8, 0.90)])
+    assert dc["seeds"] == 1 and "fd_random_seed_std" not in dc and dc["fd_random"] == 0.8
+    (line,) = verdicts({"dcgan": dc, "r3gan": r3})
+    assert line.startswith("- r3gan vs dcgan: better on fd_random;")  # 0.2 apart, spread 0.14
+    assert "tied on kid_random, fd_domain, kid_domain, conditional_accuracy, class_coverage" in line  # 0.01 < 0.014
+    worse = verdicts({"dcgan": dc, "r3gan": summarise([run(0, 0.95, 0.80)])})[0]
+    assert "worse on fd_random, conditional_accuracy" in worse
+
+    path = tmp_path / "photos.json"
+    path.write_text(json.dumps({"minutes": 20.0, "rows": {"dcgan": dc, "r3gan": dc, "stylegan2": dc}}))
+    merged = merge_rows(path, 20.0, {"r3gan": r3})
+    assert merged["r3gan"] is r3 and merged["dcgan"]["measured"] == "earlier" and set(merged) == {"dcgan", "r3gan", "stylegan2"}
+    assert set(merge_rows(path, 8.0, {"r3gan": r3})) == {"r3gan"}  # another budget's rows are not comparable
