@@ -249,12 +249,19 @@ def test_a_stale_extension_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, 
 
     from trainers.runtime.distributed import STALE_BUILD_LOCK_S, clear_stale_build_locks
 
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    stale, fresh = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock", tmp_path / "py311_cpu" / "other_op" / "lock"
-    for lock in (stale, fresh):
+    old = time.time() - STALE_BUILD_LOCK_S - 60
+    # TORCH_EXTENSIONS_DIR set (the Makefile's): torch builds each op in $TORCH_EXTENSIONS_DIR/<op>
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "set"))
+    stale, fresh = tmp_path / "set" / "deepspeed_shm_comm" / "lock", tmp_path / "set" / "other_op" / "lock"
+    # unset: torch builds in ~/.cache/torch_extensions/<python>_<device>/<op>
+    home_stale = tmp_path / "home" / ".cache" / "torch_extensions" / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    for lock in (stale, fresh, home_stale):
         lock.parent.mkdir(parents=True)
         lock.touch()
-    old = time.time() - STALE_BUILD_LOCK_S - 60
-    os.utime(stale, (old, old))
+    for lock in (stale, home_stale):
+        os.utime(lock, (old, old))
     assert clear_stale_build_locks() == [stale]
     assert not stale.exists() and fresh.exists()
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert clear_stale_build_locks() == [home_stale]

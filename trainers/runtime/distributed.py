@@ -51,10 +51,13 @@ def clear_stale_build_locks() -> list[Path]:
 
     DeepSpeed JIT-builds its shm comm op on every process-group init under a file lock
     (torch.utils.file_baton); a build killed with -9 leaves the lock behind, and every later
-    run waits on it forever, silently. A lock older than any real build is removed, with a line."""
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    run waits on it forever, silently. A lock older than any real build is removed, with a line.
+    torch builds in TORCH_EXTENSIONS_DIR/<op> when that is set (the Makefile sets it), else in
+    ~/.cache/torch_extensions/<python>_<device>/<op>: both layouts are searched."""
+    explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
+    root = Path(explicit) if explicit else Path.home() / ".cache" / "torch_extensions"
     removed = []
-    for lock in root.glob("*/*/lock") if root.is_dir() else ():
+    for lock in root.glob("*/lock" if explicit else "*/*/lock") if root.is_dir() else ():
         try:
             if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
                 lock.unlink()
