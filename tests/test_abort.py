@@ -241,27 +241,41 @@ def test_the_sbatch_script_requeues_only_when_every_node_checkpointed(tmp_path, 
         assert "not requeued" in proc.stdout
 
 
-def test_a_stale_extension_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
-    """A build killed with -9 leaves torch's file lock behind; every later process-group init
-    would wait on it forever."""
-    import os
-    import time
-
-    from trainers.runtime.distributed import STALE_BUILD_LOCK_S, clear_stale_build_locks
-
-    old = time.time() - STALE_BUILD_LOCK_S - 60
-    # TORCH_EXTENSIONS_DIR set (the Makefile's): torch builds each op in $TORCH_EXTENSIONS_DIR/<op>
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "set"))
-    stale, fresh = tmp_path / "set" / "deepspeed_shm_comm" / "lock", tmp_path / "set" / "other_op" / "lock"
-    # unset: torch builds in ~/.cache/torch_extensions/<python>_<device>/<op>
-    home_stale = tmp_path / "home" / ".cache" / "torch_extensions" / "py311_cpu" / "deepspeed_shm_comm" / "lock"
-    for lock in (stale, fresh, home_stale):
-        lock.parent.mkdir(parents=True)
-        lock.touch()
-    for lock in (stale, home_stale):
-        os.utime(lock, (old, old))
-    assert clear_stale_build_locks() == [stale]
-    assert not stale.exists() and fresh.exists()
-    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
-    assert clear_stale_build_locks() == [home_stale]
+def test_a_build_lock_left_by_a_killed_process_is_cleared_and_a_live_ones_is_waited_for(tmp_path):
+    """DeepSpeed loads its shm op under torch's plain-file build lock at every process-group init;
+    a process killed while holding it left the file, and every later run waited on it forever.
+    Here A holds the build guard with torch's lock in place (mid-build); B, started beside it,
+    must wait and not touch A's lock; A is SIGKILLed; B then clears the orphan and goes on."""
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    holder = ("import time, pathlib\n"
+              "from trainers.runtime.distributed import extension_build_guard\n"
+              "with extension_build_guard():\n"
+              f"    lock = pathlib.Path({str(tmp_path)!r}) / 'deepspeed_shm_comm' / 'lock'\n"
+              "    lock.parent.mkdir(parents=True, exist_ok=True); lock.touch()  # as torch's FileBaton does\n"
+              "    print('building', flush=True); time.sleep(120)\n")
+    waiter = ("from trainers.runtime.distributed import extension_build_guard\n"
+              "print('importing done', flush=True)\n"
+              "with extension_build_guard():\n"
+              "    print('entered', flush=True)\n")
+    a = subprocess.Popen([sys.executable, "-c", holder], env=env, stdout=subprocess.PIPE, text=True)
+    b = None
+    try:
+        assert a.stdout.readline().strip() == "building"
+        lock = tmp_path / "deepspeed_shm_comm" / "lock"
+        b = subprocess.Popen([sys.executable, "-c", waiter], env=env, stdout=subprocess.PIPE, text=True)
+        assert b.stdout.readline().strip() == "importing done"
+        with pytest.raises(subprocess.TimeoutExpired):
+            b.wait(timeout=3)  # waits on A
+        assert lock.exists()  # a live build's lock is left alone
+        a.send_signal(signal.SIGKILL)
+        a.wait(timeout=10)
+        with pytest.raises(ProcessLookupError):
+            os.kill(a.pid, 0)  # A is gone, its lock file is not
+        out, _ = b.communicate(timeout=60)
+        assert b.returncode == 0 and out.splitlines()[-1] == "entered"
+        assert f"removed {lock}" in out and not lock.exists()
+    finally:
+        for proc in (a, b):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -6,9 +6,10 @@ world of one.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,30 +44,41 @@ def _fill_env_from_slurm() -> None:
     os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
 
 
-STALE_BUILD_LOCK_S = 600  # DeepSpeed's C++ op builds take 45-100 s here; a lock this old is an orphan
+# Where DeepSpeed JIT-builds its C++ ops unless TORCH_EXTENSIONS_DIR says otherwise (the Makefile,
+# tests and benches use the same folder): gentrain's own, so only gentrain processes build in it.
+EXTENSIONS_DIR = Path.home() / ".cache" / "gentrain" / "torch_extensions"
+BUILD_GUARD = "gentrain-build.flock"
 
 
-def clear_stale_build_locks() -> list[Path]:
-    """Remove torch's extension-build locks left by a process killed mid-build.
+@contextlib.contextmanager
+def extension_build_guard():
+    """Hold gentrain's lock on the extension-build folder while DeepSpeed builds or loads its ops,
+    and remove torch's build locks that a dead process left there.
 
-    DeepSpeed JIT-builds its shm comm op on every process-group init under a file lock
-    (torch.utils.file_baton); a build killed with -9 leaves the lock behind, and every later
-    run waits on it forever, silently. A lock older than any real build is removed, with a line.
-    torch builds in TORCH_EXTENSIONS_DIR/<op> when that is set (the Makefile sets it), else in
-    ~/.cache/torch_extensions/<python>_<device>/<op>: both layouts are searched."""
-    explicit = os.environ.get("TORCH_EXTENSIONS_DIR")
-    root = Path(explicit) if explicit else Path.home() / ".cache" / "torch_extensions"
-    removed = []
-    for lock in root.glob("*/lock" if explicit else "*/*/lock") if root.is_dir() else ():
+    DeepSpeed loads its shm comm op at every process-group init, under torch's build lock
+    (torch.utils.file_baton): a plain file that every later loader waits on, forever and silently,
+    if its holder was killed (SIGKILL, or a SIGTERM that arrives before gentrain's handler is
+    installed, as a preemption during start-up does). The kernel drops a flock when its holder
+    dies, so whoever holds this one knows any torch lock in the folder belongs to a dead process."""
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(EXTENSIONS_DIR))
+    root = Path(os.environ["TORCH_EXTENSIONS_DIR"])
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / BUILD_GUARD, "a") as guard:
         try:
-            if time.time() - lock.stat().st_mtime > STALE_BUILD_LOCK_S:
-                lock.unlink()
-                removed.append(lock)
-                print(f"[gentrain] removed a stale extension-build lock {lock} (left by a build that was killed)",
+            fcntl.flock(guard, fcntl.LOCK_EX)  # a rank beside us building: wait for it (one build at a time)
+        except OSError as exn:  # a filesystem without locks: build as DeepSpeed would, unguarded
+            print(f"[gentrain] cannot lock {root / BUILD_GUARD} ({exn}); stale build locks are not cleared",
+                  flush=True)
+            yield
+            return
+        try:
+            for lock in root.glob("*/lock"):
+                lock.unlink(missing_ok=True)
+                print(f"[gentrain] removed {lock}: an extension build lock left by a process that was killed",
                       flush=True)
-        except OSError:
-            pass  # another process removed it first
-    return removed
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def init_distributed() -> DistInfo:
@@ -85,8 +97,8 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        clear_stale_build_locks()
-        deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        with extension_build_guard():
+            deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
