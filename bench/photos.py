@@ -222,6 +222,12 @@ def main(argv=None) -> int:
                         help="models trained at once, each pinned to its own core with one thread (1: one at a "
                              "time, threads as inherited)")
     args = parser.parse_args(argv)
+    models = args.models.split(",")
+    unknown = [m for m in models if m not in MODELS]
+    if unknown:
+        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gentrain" / "torch_extensions"))
     args.work.mkdir(parents=True, exist_ok=True)
@@ -236,12 +242,6 @@ def main(argv=None) -> int:
         fit_domain_extractor(images, labels, out=domain_path)
     domain = get_extractor("domain", domain_path=domain_path)
     num_classes = json.loads((train / "manifest.json").read_text())["num_classes"]
-    models = args.models.split(",")
-    unknown = [m for m in models if m not in MODELS]
-    if unknown:
-        parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
-    if args.seeds < 1:
-        parser.error("--seeds must be at least 1")
     available = sorted(os.sched_getaffinity(0))
     if args.jobs > len(available):
         parser.error(f"--jobs {args.jobs}: this process may use {len(available)} cores ({available})")

@@ -159,3 +159,13 @@ def test_photo_bench_rows_are_seed_means_and_a_win_must_clear_the_spread(tmp_pat
     merged = merge_rows(path, 20.0, {"r3gan": r3})
     assert merged["r3gan"] is r3 and merged["dcgan"]["measured"] == "earlier" and set(merged) == {"dcgan", "r3gan", "stylegan2"}
     assert set(merge_rows(path, 8.0, {"r3gan": r3})) == {"r3gan"}  # another budget's rows are not comparable
+
+
+def test_photo_bench_refuses_an_unknown_model_before_building_anything(tmp_path, capsys):
+    from bench.photos import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--models", "r3gan,dcgn", "--work", str(tmp_path / "work")])
+    assert exit_info.value.code == 2
+    assert "unknown dcgn; choose from dcgan, dcgan_lr1e-3, r3gan, stylegan2" in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()
