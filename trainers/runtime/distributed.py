@@ -81,6 +81,23 @@ def extension_build_guard():
             fcntl.flock(guard, fcntl.LOCK_UN)
 
 
+def preload_extension_ops() -> None:
+    """Load DeepSpeed's shm comm op (CPU runs) under extension_build_guard.
+
+    deepspeed.init_distributed loads it too, but then joins the process group in the same call: under
+    a lock, rank 0 would wait for rank 1 to join while rank 1 waits for the lock. DeepSpeed keeps a
+    loaded op for the life of the process (OpBuilder._loaded_ops), so its own load finds this one and
+    never takes torch's build lock."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return  # no such op on this accelerator, or DeepSpeed cannot build it here: nothing to guard
+    with extension_build_guard():
+        builder.load(verbose=False)
+
+
 def init_distributed() -> DistInfo:
     """Join (or create) the process group: gloo on CPU, nccl on CUDA."""
     import deepspeed  # deferred: importing deepspeed is slow and prints accelerator banners
@@ -97,8 +114,8 @@ def init_distributed() -> DistInfo:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
-        with extension_build_guard():
-            deepspeed.init_distributed(dist_backend=backend, verbose=False)
+        preload_extension_ops()
+        deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
