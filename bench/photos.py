@@ -229,7 +229,6 @@ def main(argv=None) -> int:
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
     os.environ.setdefault("WANDB_MODE", "disabled")
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gentrain" / "torch_extensions"))
     args.work.mkdir(parents=True, exist_ok=True)
     train, test = build_data(args.work)
     from trainers.judge.extractors import fit_domain_extractor, get_extractor

@@ -214,7 +214,6 @@ def main(argv: list[str] | None = None) -> int:
         (Path(args.out) / "results.md").write_text(to_markdown(results))
         print(to_markdown(results))
         return 0
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache/gentrain/torch_extensions"))
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     work = Path(args.work or Path(tempfile.gettempdir()) / f"gentrain-bench{'-quick' if args.quick else ''}")

@@ -255,7 +255,6 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results/translate", help="OUT.json, OUT.md, OUT_<task>.png")
     args = parser.parse_args(argv)
     args.runs, args.out = str(Path(args.runs).resolve()), str(Path(args.out).resolve())
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gentrain" / "torch_extensions"))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     results = {}
