@@ -68,6 +68,7 @@ def train_command(name: str, overrides: list[str], work: Path, train: Path, test
 # A row's figures, and which way is better for each of the compared ones (+1: higher).
 FIGURES = ("s_per_kimg", "images_seen", "fd_random", "kid_random", "fd_domain", "kid_domain", "conditional_accuracy",
            "class_coverage", "class_tv")
+SHARED = ("n", "extractor", "grid")  # the same for every seed of a model (grid: seed 0's, the model's name)
 BETTER = {"fd_random": -1, "kid_random": -1, "fd_domain": -1, "kid_domain": -1, "conditional_accuracy": +1,
           "class_coverage": +1}
 
@@ -79,14 +80,16 @@ def run_name(model: str, seed: int) -> str:
 
 def summarise(per_seed: list[dict]) -> dict:
     """One model's row from its runs: each figure's mean over seeds and, with several seeds, its
-    standard deviation across them (`NAME_seed_std`) and the runs themselves (`per_seed`)."""
-    row = dict(per_seed[0], seeds=len(per_seed))
-    if len(per_seed) > 1:
-        for key in FIGURES:
-            values = [r[key] for r in per_seed]
-            row[key], row[f"{key}_seed_std"] = statistics.fmean(values), statistics.stdev(values)
-        row["per_seed"] = per_seed
-    return row
+    standard deviation across them (`NAME_seed_std`) and the runs themselves (`per_seed`). A
+    several-seed row keeps only what its runs share besides: one seed's ADA trace, class counts
+    or seed number would pass for the model's."""
+    if len(per_seed) == 1:
+        return dict(per_seed[0], seeds=1)
+    row = {key: per_seed[0][key] for key in SHARED if key in per_seed[0]}
+    for key in FIGURES:
+        values = [r[key] for r in per_seed]
+        row[key], row[f"{key}_seed_std"] = statistics.fmean(values), statistics.stdev(values)
+    return dict(row, seeds=len(per_seed), per_seed=per_seed)
 
 
 def verdicts(rows: dict[str, dict]) -> list[str]:

@@ -233,6 +233,9 @@ class GANModelConfig:
     of the block's hidden width where it does not divide it)."""
     expansion: int = 1
     """r3gan: hidden width of a residual block as a multiple of its stage's width (R3GAN uses 2)."""
+    min_channels: int = 1
+    """r3gan: no stage narrower than this (widths otherwise halve at each doubling of resolution;
+    R3GAN's own configs keep every stage equally wide)."""
     mapping_layers: int = 2
     """stylegan2: FC layers of the mapping network z -> w (8 in StyleGAN2, 2 in its CIFAR config)."""
     w_dim: int = 128

@@ -204,13 +204,14 @@ class DiscriminativeBasis(nn.Module):
         return (x * self.conv.weight.to(x.dtype).view(1, -1, 4, 4)).sum(dim=(2, 3))
 
 
-def stage_widths(base: int, image_size: int, cap: int = 512) -> list[int]:
+def stage_widths(base: int, image_size: int, cap: int = 512, floor: int = 1) -> list[int]:
     """Widths of the stages from 4x4 up to image_size: base x image_size / (2 x resolution),
     capped. As DCGAN's feature maps (models.blocks.widths: `base` at half the image size,
     doubling at each halving) with one more stage at the image size, at half the width (width
-    inversely proportional to resolution, as StyleGAN's)."""
+    inversely proportional to resolution, as StyleGAN's), and no stage below `floor` (R3GAN's own
+    configs keep every stage equally wide)."""
     steps = num_resolution_steps(image_size)
-    return [max(1, min(cap, base * image_size // (2 * 4 * 2**i))) for i in range(steps + 1)]
+    return [max(floor, 1, min(cap, base * image_size // (2 * 4 * 2**i))) for i in range(steps + 1)]
 
 
 def require_labels(c: torch.Tensor | None, num_classes: int, who: str) -> torch.Tensor:
@@ -226,10 +227,10 @@ class R3GANGenerator(nn.Module):
 
     def __init__(self, z_dim: int = 64, image_size: int = 32, channels: int = 3, base_channels: int = 64,
                  blocks_per_stage: int = 1, cardinality: int = 4, expansion: int = 1, num_classes: int = 0,
-                 max_channels: int = 512, taps: tuple[float, ...] = (1, 2, 1)):
+                 max_channels: int = 512, min_channels: int = 1, taps: tuple[float, ...] = (1, 2, 1)):
         super().__init__()
         self.z_dim, self.image_size, self.channels, self.num_classes = z_dim, image_size, channels, num_classes
-        chans = stage_widths(base_channels, image_size, max_channels)
+        chans = stage_widths(base_channels, image_size, max_channels, min_channels)
         scale = blocks_per_stage * len(chans)
         self.embed = nn.Embedding(num_classes, z_dim) if num_classes > 0 else None
         self.basis = GenerativeBasis(z_dim * (2 if num_classes > 0 else 1), chans[0])
@@ -252,10 +253,10 @@ class R3GANDiscriminator(nn.Module):
 
     def __init__(self, image_size: int = 32, channels: int = 3, base_channels: int = 64, blocks_per_stage: int = 1,
                  cardinality: int = 4, expansion: int = 1, num_classes: int = 0, max_channels: int = 512,
-                 taps: tuple[float, ...] = (1, 2, 1)):
+                 min_channels: int = 1, taps: tuple[float, ...] = (1, 2, 1)):
         super().__init__()
         self.num_classes = num_classes
-        chans = stage_widths(base_channels, image_size, max_channels)[::-1]  # image_size ... 4x4
+        chans = stage_widths(base_channels, image_size, max_channels, min_channels)[::-1]  # image_size ... 4x4
         scale = blocks_per_stage * len(chans)
         self.from_image = _conv(channels, chans[0], 1)
         stages = []
@@ -285,7 +286,7 @@ class R3GANDiscriminator(nn.Module):
 @register("gan", "r3gan")
 def build_r3gan(model, data, **options):
     common = dict(image_size=data.image_size, channels=data.channels, blocks_per_stage=model.blocks_per_stage,
-                  cardinality=model.cardinality, expansion=model.expansion,
+                  cardinality=model.cardinality, expansion=model.expansion, min_channels=model.min_channels,
                   num_classes=getattr(model, "num_classes", 0))
     return (R3GANGenerator(model.z_dim, base_channels=model.g_channels, **common),
             R3GANDiscriminator(base_channels=model.d_channels, **common))

@@ -141,11 +141,13 @@ def test_photo_bench_rows_are_seed_means_and_a_win_must_clear_the_spread(tmp_pat
 
     def run(seed, fd, acc):
         return {**{k: 1.0 for k in FIGURES}, "seed": seed, "fd_random": fd, "conditional_accuracy": acc,
-                "fd_domain": 10.0, "kid_random": 0.001, "kid_domain": 0.1, "class_coverage": 1.0}
+                "fd_domain": 10.0, "kid_random": 0.001, "kid_domain": 0.1, "class_coverage": 1.0,
+                "ada_p": [[25, seed / 10]]}
 
     r3 = summarise([run(0, 0.5, 0.90), run(1, 0.7, 0.92)])
     assert r3["seeds"] == 2 and r3["fd_random"] == pytest.approx(0.6) and r3["fd_random_seed_std"] == pytest.approx(0.1414, abs=1e-4)
     assert [r["seed"] for r in r3["per_seed"]] == [0, 1]
+    assert "seed" not in r3 and "ada_p" not in r3  # seed 0's own trace would pass for the model's
     dc = summarise([run(0, 0.8, 0.90)])
     assert dc["seeds"] == 1 and "fd_random_seed_std" not in dc and dc["fd_random"] == 0.8
     (line,) = verdicts({"dcgan": dc, "r3gan": r3})

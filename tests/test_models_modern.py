@@ -282,6 +282,7 @@ def test_a_few_adam_steps_lower_the_d_loss(arch):
 def test_widths_follow_the_config():
     # as DCGAN: width at 16x16 (half of 32), doubling to 4x4; half of it at the image size
     assert stage_widths(8, 32) == [32, 16, 8, 4] and stage_widths(64, 256, cap=512) == [512, 512, 512, 256, 128, 64, 32]
+    assert stage_widths(32, 32, floor=32) == [128, 64, 32, 32]  # model.min_channels: no stage narrower
     g, d = _nets("r3gan", 32, 3, width=8)
     assert g.to_image.in_channels == 4 and d.from_image.out_channels == 4
     assert g.basis.basis.shape[0] == 32
