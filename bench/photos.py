@@ -53,12 +53,17 @@ def build_data(work: Path) -> tuple[Path, Path]:
     return train, test
 
 
+def run_dir(work: Path, name: str) -> Path:
+    """The run folder of one run (a model at a seed: run_name) under the bench's --work."""
+    return work / f"run-{name}"
+
+
 def train_command(name: str, overrides: list[str], work: Path, train: Path, test: Path) -> tuple[list[str], Path]:
     """The `gentrain train` command line of one model and its run folder."""
     preset = "configs/gan_photos.yaml"
     if overrides[:1] == ["--preset"]:
         preset, overrides = overrides[1], overrides[2:]
-    run = work / f"run-{name}"
+    run = run_dir(work, name)
     cmd = [sys.executable, "-m", "launcher.cli", "train", preset, f"run.dir={run}", f"data.shards={train}",
            f"metrics.shards={test}", "trainer.max_steps=1000000", "trainer.resume=never", "trainer.progress=false",
            "wandb.mode=disabled", "metrics.every_kimg=0", *overrides]
@@ -224,6 +229,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="models trained at once, each pinned to its own core with one thread (1: one at a "
                              "time, threads as inherited)")
+    parser.add_argument("--judge-only", action="store_true",
+                        help="judge the runs already in --work (trained by an earlier bench at --minutes) without "
+                             "training: a bench whose judging failed, or rows re-judged")
     args = parser.parse_args(argv)
     models = args.models.split(",")
     unknown = [m for m in models if m not in MODELS]
@@ -231,6 +239,10 @@ def main(argv=None) -> int:
         parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    untrained = [run_name(name, seed) for name in models for seed in range(args.seeds)
+                 if not (run_dir(args.work, run_name(name, seed)) / "checkpoints" / "latest").exists()]
+    if args.judge_only and untrained:
+        parser.error(f"--judge-only: no trained run of {', '.join(untrained)} in {args.work}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     args.work.mkdir(parents=True, exist_ok=True)
     train, test = build_data(args.work)
@@ -253,7 +265,8 @@ def main(argv=None) -> int:
         for seed in range(args.seeds):
             key = run_name(name, seed)
             commands[key], runs[key] = train_command(key, [*MODELS[name], f"run.seed={seed}"], args.work, train, test)
-    run_for(commands, args.minutes, args.work, cores)
+    if not args.judge_only:
+        run_for(commands, args.minutes, args.work, cores)
     measured = time.strftime("%Y-%m-%d")
     rows = {}
     for name in models:

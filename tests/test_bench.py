@@ -171,3 +171,15 @@ def test_photo_bench_refuses_an_unknown_model_before_building_anything(tmp_path,
     assert exit_info.value.code == 2
     assert "unknown dcgn; choose from dcgan, dcgan_lr1e-3, r3gan, stylegan2" in capsys.readouterr().err
     assert not (tmp_path / "work").exists()
+
+
+def test_photo_bench_judge_only_refuses_runs_that_were_never_trained(tmp_path, capsys):
+    from bench.photos import main
+
+    (tmp_path / "run-r3gan" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "run-r3gan" / "checkpoints" / "latest").write_text("step-0000001")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--models", "r3gan", "--seeds", "2", "--judge-only", "--work", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--judge-only: no trained run of r3gan-seed1 in" in capsys.readouterr().err
+    assert not (tmp_path / "photos32").exists()  # refused before building data

@@ -226,3 +226,32 @@ def test_a_damaged_checkpoint_is_skipped_for_the_previous_one(tmp_path, digit_sh
     proc = run_gentrain(*args, "trainer.max_steps=8")
     assert "skipping checkpoint step-0000006: weights.safetensors does not match" in proc.stdout
     assert "resumed from" in proc.stdout and "step-0000003 at step 3" in proc.stdout
+
+
+def test_a_run_started_before_the_directorys_newest_step_sets_the_later_work_aside(tmp_path, digit_shards):
+    """resume=never (or resume=PATH to an older checkpoint) in a directory whose earlier run got
+    further: its checkpoints, ordered by step, used to outrank the new run's, so pruning deleted
+    the new run's checkpoints as soon as they were written and the judge read the old weights.
+    The later checkpoints and grids now move, untouched, to RUN/abandoned-<time>/."""
+    run_dir = tmp_path / "reused"
+    args = ["train", "configs/vae_digits.yaml", f"run.dir={run_dir}", f"data.shards={digit_shards}",
+            "data.batch_size=16", "trainer.ckpt_every=3", "trainer.sample_every=3", "trainer.progress=false"]
+    run_gentrain(*args, "trainer.max_steps=9")
+    assert checkpoints(run_dir) == ["step-0000006", "step-0000009"]  # keep_checkpoints 2
+    old = run_dir / "checkpoints" / "step-0000009"
+    old_digest = (old / "COMPLETE").read_text()
+
+    proc = run_gentrain(*args, "trainer.max_steps=4", "trainer.resume=never", "run.seed=1")
+    assert "sample grid(s) of steps after 0 (the step this run starts from) moved to" in proc.stdout
+    assert checkpoints(run_dir) == ["step-0000003", "step-0000004"] and latest_checkpoint(run_dir).name == "step-0000004"
+    (aside,) = run_dir.glob("abandoned-*")
+    assert sorted(p.name for p in (aside / "checkpoints").glob("step-*")) == ["step-0000006", "step-0000009"]
+    assert (aside / "checkpoints" / "step-0000009" / "COMPLETE").read_text() == old_digest  # moved, not rewritten
+    assert max(int(p.stem[-7:]) for p in (run_dir / "samples").glob("*.png")) <= 4
+    assert {int(p.stem[-7:]) for p in (aside / "samples").glob("*.png")} == {3, 6, 9}
+
+    # resume=PATH to an older checkpoint abandons the later one the same way
+    time.sleep(1.1)  # the folder is named by the second
+    run_gentrain(*args, "trainer.max_steps=5", f"trainer.resume={run_dir / 'checkpoints' / 'step-0000003'}")
+    assert checkpoints(run_dir) == ["step-0000003", "step-0000005"]
+    assert len(list(run_dir.glob("abandoned-*"))) == 2

@@ -17,6 +17,7 @@ from tqdm import tqdm
 from configs import to_yaml
 from data_shards.stream import resolve_shards
 from trainers.judge.live import LiveMetrics
+from trainers.runtime.abandoned import set_aside_after
 from trainers.runtime.checkpoint import Checkpointer
 from trainers.runtime.clock import Clock
 from trainers.runtime.data_feed import DataFeed
@@ -95,6 +96,10 @@ class Run:
         resume_from = None if resume == "never" else (
             self.checkpointer.latest_verified() if resume == "auto" else Path(resume))
         data_state = restore(self.task, self.checkpointer, resume_from, self.clock, dist_info) if resume_from else None
+        if dist_info.is_main and (aside := set_aside_after(self.dir, self.clock.step)):
+            self.say(f"{aside[1]} checkpoint(s) and sample grid(s) of steps after {self.clock.step} (the step this run "
+                     f"starts from) moved to {aside[0]}")
+        barrier()
         self.shards = resolve_shards(cfg.data.shards)
         self.data = DataFeed(cfg, self.shards, dist_info, self.clock.step, data_state)
         self.logger = RunLogger(cfg, self.dir, enabled=dist_info.is_main, start_step=self.clock.step)
