@@ -239,10 +239,11 @@ def main(argv=None) -> int:
         parser.error(f"--models: unknown {', '.join(unknown)}; choose from {', '.join(MODELS)}")
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
-    untrained = [run_name(name, seed) for name in models for seed in range(args.seeds)
-                 if not (run_dir(args.work, run_name(name, seed)) / "checkpoints" / "latest").exists()]
-    if args.judge_only and untrained:
-        parser.error(f"--judge-only: no trained run of {', '.join(untrained)} in {args.work}")
+    if args.judge_only:
+        keys = [run_name(name, seed) for name in models for seed in range(args.seeds)]
+        untrained = [key for key in keys if not (run_dir(args.work, key) / "checkpoints" / "latest").exists()]
+        if untrained:
+            parser.error(f"--judge-only: no trained run of {', '.join(untrained)} in {args.work}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     args.work.mkdir(parents=True, exist_ok=True)
     train, test = build_data(args.work)

@@ -15,7 +15,7 @@ import re
 import time
 from pathlib import Path
 
-from trainers.runtime.checkpoint import BEST, BEST_RECORD, complete_checkpoints
+from trainers.runtime.checkpoint import BEST, BEST_RECORD, atomic_write, complete_checkpoints
 
 _STEP = re.compile(r"-(\d{7})(?:\.partial)?$")
 
@@ -46,7 +46,7 @@ def set_aside_after(run_dir: Path, start_step: int) -> tuple[Path, int] | None:
     pointer = run_dir / "checkpoints" / "latest"
     remaining = complete_checkpoints(run_dir / "checkpoints")
     if remaining:
-        pointer.write_text(remaining[-1].name)
+        atomic_write(pointer, remaining[-1].name)
     else:
         pointer.unlink(missing_ok=True)
     return target, len(later)

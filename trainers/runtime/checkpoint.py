@@ -44,7 +44,8 @@ def _write_error(err: Exception, root: Path) -> str:
         return text
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
+    """Replace `path` with `text` in one rename: a reader sees the old text or the new, never a torn file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -129,7 +130,7 @@ class Checkpointer:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(partial, final)
-            _atomic_write(self.root / "latest", final.name)
+            atomic_write(self.root / "latest", final.name)
             self._prune()
         barrier()
         return final
