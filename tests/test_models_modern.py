@@ -9,8 +9,9 @@ import torch.nn.functional as F
 
 from configs.schema import KIND_CHOICES, DataConfig, GANModelConfig
 from models import DCGANGenerator, archs, build
-from models.r3gan import (Conv1x1, DiscriminativeBasis, R3GANDiscriminator, R3GANGenerator, ResidualBlock,
-                          downsample2d, stage_widths, upsample2d)
+import models.r3gan
+from models.r3gan import (Conv1x1, DiscriminativeBasis, GroupedConv2d, R3GANDiscriminator, R3GANGenerator,
+                          ResidualBlock, block_diagonal, downsample2d, stage_widths, upsample2d)
 from models.stylegan2 import ModulatedConv2d, StyleGAN2Discriminator, StyleGAN2Generator, minibatch_stddev
 from trainers.gan.losses import d_loss_nonsaturating, g_loss_nonsaturating, r1_penalty
 from trainers.gan.path_length import path_length_penalty
@@ -209,6 +210,35 @@ def test_conv1x1_gemm_is_a_1x1_convolution():
     basis = DiscriminativeBasis(8)
     x4 = torch.randn(3, 8, 4, 4)
     assert torch.allclose(basis(x4), basis.conv(x4).flatten(1), atol=1e-6)
+
+
+def test_block_diagonal_weight_is_the_grouped_convolution():
+    torch.manual_seed(0)
+    w = torch.randn(12, 4, 3, 3, dtype=torch.float64, requires_grad=True)  # 3 groups of 4 channels
+    x = torch.randn(2, 12, 5, 5, dtype=torch.float64)
+    grouped = F.conv2d(x, w, padding=1, groups=3)
+    dense = F.conv2d(x, block_diagonal(w, 3), padding=1)
+    assert torch.allclose(dense, grouped, atol=1e-12)
+    g_grouped, = torch.autograd.grad(grouped.square().sum(), w)
+    g_dense, = torch.autograd.grad(dense.square().sum(), w)
+    assert torch.allclose(g_dense, g_grouped, atol=1e-10)  # the zeros stay outside the parameters
+
+
+@pytest.mark.parametrize("amx, dense", [(True, True), (False, False)])
+def test_narrow_groups_run_dense_in_bf16_on_amx_only(monkeypatch, amx, dense):
+    calls = []
+    monkeypatch.setattr(models.r3gan, "has_amx_bf16", lambda: amx)
+    monkeypatch.setattr(models.r3gan, "block_diagonal", lambda w, g: calls.append(g) or block_diagonal(w, g))
+    torch.manual_seed(0)
+    narrow, wide = GroupedConv2d(16, 16, 3, padding=1, groups=4, bias=False), \
+        GroupedConv2d(32, 32, 3, padding=1, groups=4, bias=False)
+    for conv in (narrow, wide):
+        x = torch.randn(2, conv.in_channels, 6, 6)
+        conv(x)  # fp32 (R1/R2): the grouped kernel
+        conv.bfloat16()  # as DeepSpeed's bf16 engine holds it
+        ref = F.conv2d(x.bfloat16(), conv.weight, padding=1, groups=4).float()
+        assert torch.allclose(conv(x.bfloat16()).float(), ref, atol=0.05, rtol=0.02)
+    assert calls == ([4] if dense else [])  # only the 4-channel groups, only in bf16
 
 
 def test_stylegan2_noise_inputs():

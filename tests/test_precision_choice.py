@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import models
+import models.cpu
 from models import registry
 from trainers.runtime import engines
 from trainers.runtime.engines import PrecisionError, precision_choice
@@ -60,7 +61,7 @@ def test_the_shipped_table_names_registered_archs_and_cpu_precisions():
 @pytest.mark.parametrize("cap, isa", [(None, "amx"), ("AVX512_CORE_BF16", "avx512_bf16"),
                                       ("AVX10_1_512_AMX", "amx")])
 def test_bf16_kind_follows_the_cpu_flags_and_a_onednn_cap(monkeypatch, cap, isa):
-    monkeypatch.setattr(engines, "_cpuinfo_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16"})
+    monkeypatch.setattr(models.cpu, "_cpuinfo_flags", lambda: {"avx512f", "avx512_bf16", "amx_bf16"})
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     if cap is None:
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
@@ -70,6 +71,6 @@ def test_bf16_kind_follows_the_cpu_flags_and_a_onednn_cap(monkeypatch, cap, isa)
 
 
 def test_no_bf16_flags_means_emulated(monkeypatch):
-    monkeypatch.setattr(engines, "_cpuinfo_flags", lambda: {"avx2"})
+    monkeypatch.setattr(models.cpu, "_cpuinfo_flags", lambda: {"avx2"})
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert engines.cpu_bf16_isa() is None and not engines.cpu_has_native_bf16()

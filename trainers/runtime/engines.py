@@ -11,6 +11,7 @@ from torch import nn
 from configs import ConfigError
 
 from models.blocks import edge_convs_as_gemm, to_channels_last
+from models.cpu import cpu_bf16_isa
 from models.registry import cpu_precision
 from trainers.runtime.distributed import DistInfo
 from trainers.runtime.safe_load import use_safe_loading
@@ -53,37 +54,6 @@ def cpu_has_native_bf16() -> bool:
     EPYC core, so `auto` trains in fp32 there; bf16 can still be asked for explicitly.
     """
     return cpu_bf16_isa() is not None
-
-
-def cpu_bf16_isa() -> str | None:
-    """How this CPU computes bf16: "amx" (AMX tiles: Intel Sapphire Rapids and later),
-    "avx512_bf16" (dot-product instructions only: Cooper Lake, AMD Zen 4), or None (emulated).
-    Which precision trains a network faster differs between the two (a 64-channel 3x3 conv in
-    bf16: 4.8x fp32's speed with AMX, 1.03x with AVX512-BF16 alone, on one Xeon core), so
-    measured preferences (models.registry.CPU_PRECISION) are kept per kind. oneDNN capped below
-    AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) counts as "avx512_bf16"."""
-    capability, flags = torch.backends.cpu.get_cpu_capability(), _cpuinfo_flags()
-    if (capability == "AMX" or "amx_bf16" in flags) and _onednn_may_use_amx():
-        return "amx"
-    if capability in ("AVX512_BF16", "AMX") or "avx512_bf16" in flags:
-        return "avx512_bf16"
-    return None
-
-
-def _onednn_may_use_amx() -> bool:
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
-    return cap in ("ALL", "DEFAULT") or "AMX" in cap
-
-
-def _cpuinfo_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def deepspeed_config(optim: DictConfig, trainer: DictConfig, batch_size: int, world_size: int, precision: str) -> dict:
