@@ -61,12 +61,15 @@ PHOTO_SHAPE = ("data.image_size=32", "data.channels=3", "model.num_classes=16")
 # ADA's controller keeps accumulating r_t but never moves p within a bench: two sides whose D
 # outputs differ would otherwise augment at different p (see the docstring).
 ADA_P_HELD = "loss.ada_interval=1000000000"
+# The bare loop is plain PyTorch in NCHW: the photo presets' channels_last would time a layout
+# (docs/performance.md measures it on its own), not what the trainer adds.
+NCHW = "trainer.channels_last=false"
 # name (its key in results.json) -> (preset, overrides)
 PRESETS = {
     "vae": ("configs/vae_digits.yaml", ()),
     "gan": ("configs/gan_digits.yaml", ()),
-    "gan_photos": ("configs/gan_photos.yaml", (*PHOTO_SHAPE, ADA_P_HELD)),
-    "gan_photos_stylegan2": ("configs/gan_photos_stylegan2.yaml", (*PHOTO_SHAPE, ADA_P_HELD)),
+    "gan_photos": ("configs/gan_photos.yaml", (*PHOTO_SHAPE, ADA_P_HELD, NCHW)),
+    "gan_photos_stylegan2": ("configs/gan_photos_stylegan2.yaml", (*PHOTO_SHAPE, ADA_P_HELD, NCHW)),
 }
 ALIASES = {"vae_digits": "vae", "gan_digits": "gan"}
 DEFAULT_PRESETS = ("vae", "gan")  # what `make bench` (bench.run) times
