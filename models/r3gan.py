@@ -137,7 +137,8 @@ class GroupedConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.groups > 1 and self.in_channels // self.groups < self.NARROW_GROUP and x.dtype == torch.bfloat16
                 and x.device.type == "cpu" and has_amx_bf16()):
-            return F.conv2d(x, block_diagonal(self.weight.to(x.dtype), self.groups), None, self.stride, self.padding)
+            return F.conv2d(x, block_diagonal(self.weight.to(x.dtype), self.groups), self.bias, self.stride,
+                            self.padding, self.dilation)
         return super().forward(x)
 
 
