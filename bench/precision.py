@@ -185,7 +185,7 @@ def merge(path: Path, results: dict) -> dict:
 def run(names, steps: int, rounds: int, root: Path) -> dict:
     """The figures of every named preset, one after the other, with the machine's load around them."""
     from bench.run import machine
-    from trainers.runtime.engines import cpu_bf16_isa
+    from models.cpu import cpu_bf16_isa
 
     torch.set_num_threads(1)  # one core per process, as a 2-process run on this machine would get
     started, info = time.perf_counter(), machine()

@@ -67,10 +67,10 @@ def test_bf16_kind_follows_the_cpu_flags_and_a_onednn_cap(monkeypatch, cap, isa)
         monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     else:
         monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
-    assert engines.cpu_bf16_isa() == isa and engines.cpu_has_native_bf16()
+    assert models.cpu.cpu_bf16_isa() == isa and models.cpu.cpu_has_native_bf16()
 
 
 def test_no_bf16_flags_means_emulated(monkeypatch):
     monkeypatch.setattr(models.cpu, "_cpuinfo_flags", lambda: {"avx2"})
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
-    assert engines.cpu_bf16_isa() is None and not engines.cpu_has_native_bf16()
+    assert models.cpu.cpu_bf16_isa() is None and not models.cpu.cpu_has_native_bf16()

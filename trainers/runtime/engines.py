@@ -47,15 +47,6 @@ def precision_choice(requested: str, device: torch.device, family: str | None = 
     return requested, ""
 
 
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU computes bf16 in hardware (AVX512-BF16 or AMX).
-
-    Without it PyTorch emulates bf16 convolutions: measured 14x slower than fp32 on an AVX2
-    EPYC core, so `auto` trains in fp32 there; bf16 can still be asked for explicitly.
-    """
-    return cpu_bf16_isa() is not None
-
-
 def deepspeed_config(optim: DictConfig, trainer: DictConfig, batch_size: int, world_size: int, precision: str) -> dict:
     """The DeepSpeed JSON config for one engine."""
     return {
