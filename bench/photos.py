@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -56,6 +57,16 @@ def build_data(work: Path) -> tuple[Path, Path]:
 def run_dir(work: Path, name: str) -> Path:
     """The run folder of one run (a model at a seed: run_name) under the bench's --work."""
     return work / f"run-{name}"
+
+
+def clear_runs(runs: list[Path]) -> None:
+    """Delete the bench's earlier run folders before it trains them again. Under
+    `resume=never` the trainer would keep an old run's later checkpoints and grids in an
+    `abandoned-*` folder (a user's run loses nothing); the bench's folders are its own
+    scratch, and a rerun left a few MB of them behind each time."""
+    for run in runs:
+        if run.exists():
+            shutil.rmtree(run)
 
 
 def train_command(name: str, overrides: list[str], work: Path, train: Path, test: Path) -> tuple[list[str], Path]:
@@ -267,6 +278,7 @@ def main(argv=None) -> int:
             key = run_name(name, seed)
             commands[key], runs[key] = train_command(key, [*MODELS[name], f"run.seed={seed}"], args.work, train, test)
     if not args.judge_only:
+        clear_runs(list(runs.values()))
         run_for(commands, args.minutes, args.work, cores)
     measured = time.strftime("%Y-%m-%d")
     rows = {}

@@ -183,3 +183,18 @@ def test_photo_bench_judge_only_refuses_runs_that_were_never_trained(tmp_path, c
     assert exit_info.value.code == 2
     assert "--judge-only: no trained run of r3gan-seed1 in" in capsys.readouterr().err
     assert not (tmp_path / "photos32").exists()  # refused before building data
+
+
+def test_photo_bench_clears_only_the_runs_it_is_about_to_train_again(tmp_path):
+    """A rerun starts from empty run folders (no abandoned-* leftovers); the data, the domain
+    classifier and the runs of models not in this rerun stay."""
+    from bench.photos import clear_runs, run_dir
+
+    for name in ("r3gan", "dcgan"):
+        (run_dir(tmp_path, name) / "checkpoints" / "step-0000500").mkdir(parents=True)
+    (tmp_path / "photos32").mkdir()
+    (tmp_path / "domain.safetensors").write_bytes(b"weights")
+    clear_runs([run_dir(tmp_path, "r3gan"), run_dir(tmp_path, "r3gan-seed1")])
+    assert not run_dir(tmp_path, "r3gan").exists()
+    assert (run_dir(tmp_path, "dcgan") / "checkpoints" / "step-0000500").is_dir()
+    assert (tmp_path / "photos32").is_dir() and (tmp_path / "domain.safetensors").read_bytes() == b"weights"
