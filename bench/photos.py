@@ -14,7 +14,9 @@ reads a sample generated for class k as some class; conditional accuracy is how 
 
 `--seeds N` trains every model N times (run.seed 0..N-1): a row is then the mean over seeds with
 the spread across them beside it, which is what a "better on every metric" claim has to beat (one
-run's final checkpoint moves FD_domain by 10-20% from one checkpoint to the next). Rows of models
+run's final checkpoint moves FD_domain by 10-20% from one checkpoint to the next). A rerun starts
+each run it trains from an empty folder; `--reuse` keeps the runs already trained for the budget
+(`--seeds 4 --reuse` after `--seeds 2` trains seeds 2 and 3 only, and judges all four). Rows of models
 not run this time are kept from the earlier results at the same budget, each with its date.
 """
 from __future__ import annotations
@@ -67,6 +69,15 @@ def clear_runs(runs: list[Path]) -> None:
     for run in runs:
         if run.exists():
             shutil.rmtree(run)
+
+
+def trained_for(run: Path, minutes: float) -> bool:
+    """Whether `run` holds a finished bench run of this budget: a checkpoint, and a metrics log
+    spanning at least 90% of `minutes` (one cut short by a crash or ^C does not count)."""
+    from trainers.judge.report_measure import read_metrics_log
+
+    records = read_metrics_log(run)
+    return (run / "checkpoints" / "latest").exists() and bool(records) and records[-1]["time"] - records[0]["time"] >= 0.9 * minutes * 60
 
 
 def train_command(name: str, overrides: list[str], work: Path, train: Path, test: Path) -> tuple[list[str], Path]:
@@ -240,6 +251,9 @@ def main(argv=None) -> int:
     parser.add_argument("--jobs", type=int, default=1,
                         help="models trained at once, each pinned to its own core with one thread (1: one at a "
                              "time, threads as inherited)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep the runs in --work that already trained for --minutes and train only the rest: "
+                             "a bench extended to more seeds, or one stopped midway")
     parser.add_argument("--judge-only", action="store_true",
                         help="judge the runs already in --work (trained by an earlier bench at --minutes) without "
                              "training: a bench whose judging failed, or rows re-judged")
@@ -278,8 +292,12 @@ def main(argv=None) -> int:
             key = run_name(name, seed)
             commands[key], runs[key] = train_command(key, [*MODELS[name], f"run.seed={seed}"], args.work, train, test)
     if not args.judge_only:
-        clear_runs(list(runs.values()))
-        run_for(commands, args.minutes, args.work, cores)
+        reused = [key for key in commands if args.reuse and trained_for(runs[key], args.minutes)]
+        if reused:
+            print(f"[bench.photos] --reuse: keeping {', '.join(reused)}", flush=True)
+        todo = {key: cmd for key, cmd in commands.items() if key not in reused}
+        clear_runs([runs[key] for key in todo])
+        run_for(todo, args.minutes, args.work, cores)
     measured = time.strftime("%Y-%m-%d")
     rows = {}
     for name in models:

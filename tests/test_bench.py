@@ -198,3 +198,24 @@ def test_photo_bench_clears_only_the_runs_it_is_about_to_train_again(tmp_path):
     assert not run_dir(tmp_path, "r3gan").exists()
     assert (run_dir(tmp_path, "dcgan") / "checkpoints" / "step-0000500").is_dir()
     assert (tmp_path / "photos32").is_dir() and (tmp_path / "domain.safetensors").read_bytes() == b"weights"
+
+
+def test_photo_bench_reuses_only_runs_trained_for_the_whole_budget(tmp_path):
+    """--reuse keeps a run with a checkpoint whose metrics log spans the budget; one cut short
+    (or never checkpointed) is trained again."""
+    from bench.photos import run_dir, trained_for
+
+    def fake_run(name, minutes_logged, checkpoint=True):
+        run = run_dir(tmp_path, name)
+        (run / "checkpoints").mkdir(parents=True)
+        if checkpoint:
+            (run / "checkpoints" / "latest").write_text("step-0005000")
+        records = [{"step": 25, "time": 1000.0}, {"step": 5000, "time": 1000.0 + minutes_logged * 60}]
+        (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return run
+
+    assert trained_for(fake_run("whole", 19.5), 20.0)
+    assert not trained_for(fake_run("cut-short", 12.0), 20.0)
+    assert not trained_for(fake_run("no-checkpoint", 19.5, checkpoint=False), 20.0)
+    assert not trained_for(run_dir(tmp_path, "never-started"), 20.0)
+    assert not trained_for(run_dir(tmp_path, "whole"), 40.0)  # another budget's run is not this one's
