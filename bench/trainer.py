@@ -205,7 +205,7 @@ class _BareGAN:
         opt.step()
 
     def d_step(self, real, labels):
-        from trainers.gan.ada import sign_stats
+        from trainers.gan.ada import ada_margins, sign_stats
         from trainers.gan.losses import r1_penalty, r2_penalty
 
         loss, n = self.loss, real.shape[0]
@@ -224,7 +224,7 @@ class _BareGAN:
                 total = total + r2_penalty(self.d, fake_in, fake_labels) * (loss.r2_gamma / 2 * loss.r1_every)
         self._step(self.opt_d, self.d, total, float(self.cfg.optim.d.grad_clip))
         if self.ada is not None:
-            signs = sign_stats(logits[:n])
+            signs = sign_stats(ada_margins(logits[:n], logits[n:], relativistic=self.g_rel_loss is not None))
             self.ada.accumulate(float(signs[0]), float(signs[1]), images=n)
         return loss_d
 

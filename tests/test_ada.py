@@ -3,7 +3,7 @@ p = 0, determinism from the caller's generator, gradients through the pipeline, 
 import pytest
 import torch
 
-from trainers.gan.ada import OPS, AdaptiveAugment, sign_stats
+from trainers.gan.ada import OPS, AdaptiveAugment, ada_margins, sign_stats
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -170,3 +170,32 @@ def test_bad_arguments_are_refused():
         AdaptiveAugment(ops=("xflip", "zoom"))
     with pytest.raises(ValueError, match="pad_mode"):
         AdaptiveAugment(pad_mode="wrap")
+
+
+def test_relativistic_margins_ignore_a_constant_shift_of_d():
+    """The relativistic loss cannot see a constant added to every logit, so neither may ADA's r_t:
+    a D whose logits all drift up (R3GAN's did) must not read as over-fitting."""
+    real, fake = torch.tensor([0.5, -0.25, 0.25, 1.0]), torch.tensor([0.25, 0.5, -0.5, 1.5])  # exact in binary
+    shifted = [ada_margins(real + c, fake + c, relativistic=True) for c in (0.0, 4.0)]
+    assert torch.equal(shifted[0], shifted[1]) and sign_stats(shifted[1]).tolist() == [0.0, 4.0]
+    assert sign_stats(ada_margins(real + 4.0, fake + 4.0, relativistic=False)).tolist() == [4.0, 4.0]
+    assert torch.equal(ada_margins(real, fake, relativistic=False), real)  # D(real) as in StyleGAN2-ADA
+
+
+def test_the_r3gan_task_feeds_ada_the_pair_margins(tmp_path, one_rank, one_thread, monkeypatch):
+    """gan_photos (relativistic loss) with every D logit shifted by +100: sign(D(real)) would read
+    r_t = 1 (all 'right'); the pair margins it feeds ADA do not move."""
+    from pathlib import Path
+
+    from bench import trainer as bt
+    from trainers.runtime.clock import Clock
+
+    small = ("model.g_channels=8", "model.d_channels=8", "data.batch_size=8")
+    cfg, _, task, _ = bt.setup("gan_photos", Path(tmp_path), "disabled", small)
+    d = task.d.module
+    unshifted = d.forward
+    monkeypatch.setattr(d, "forward", lambda *args: unshifted(*args) + 100.0)
+    metrics = task.train_step(bt.synthetic_batch(cfg), Clock(images_per_step=cfg.data.batch_size))
+    assert metrics["d_real_logit"] > 90 and metrics["d_fake_logit"] > 90
+    assert -1.0 < metrics["d_rt"] < 1.0
+    assert abs(task.ada._sign_sum) < task.ada._count == cfg.data.batch_size  # what the controller was fed

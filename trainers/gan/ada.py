@@ -25,6 +25,12 @@ p starts at 0 and is tuned from the overfitting heuristic r_t = E[sign(D(real))]
 clamped to [0, 1] (so p can go from 0 to 1 in ada_kimg thousand images). The caller feeds each
 step's sum of sign(D(real)) and its sample count, already all-reduced over ranks (use
 `sign_stats` to make the tensor to all-reduce), so every rank holds the same p.
+
+The heuristic reads sign(D(real)) as "D calls this real right", which holds where the loss pins
+D's decision at 0 (nonsaturating, hinge). The relativistic pairing loss sees only D(real) -
+D(fake): its D may shift every logit by a constant at no cost, and R3GAN's did (both means drifted
+up, the fake one past 0, so r_t read 0.7 and p climbed to 0.2-0.37 while the real-fake gap
+shrank). There the statistic is that pair margin, the loss's own "right" (`ada_margins`).
 """
 from __future__ import annotations
 
@@ -35,6 +41,12 @@ import torch
 OPS = ("xflip", "translate", "rotate90", "brightness", "contrast", "saturation", "hue", "cutout")
 COLOR_OPS = ("brightness", "contrast", "saturation", "hue")
 PAD_MODES = ("reflect", "zeros")
+
+
+def ada_margins(real_logits: torch.Tensor, fake_logits: torch.Tensor, relativistic: bool) -> torch.Tensor:
+    """What ADA's r_t takes the sign of: D(real), or for a relativistic loss D(real) - D(fake) of
+    each pair the loss scores (invariant to a constant shift of D's output, as that loss is)."""
+    return real_logits - fake_logits if relativistic else real_logits
 
 
 def sign_stats(real_logits: torch.Tensor) -> torch.Tensor:

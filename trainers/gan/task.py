@@ -36,7 +36,7 @@ import models
 from trainers.gan.augment import diff_augment, parse_ops
 from trainers.runtime.clock import Clock
 from trainers.runtime.distributed import DistInfo, all_reduce_mean
-from trainers.gan.ada import AdaptiveAugment, sign_stats
+from trainers.gan.ada import AdaptiveAugment, ada_margins, sign_stats
 from trainers.gan.ema import EMA
 from trainers.gan.path_length import path_length_penalty
 from trainers.runtime.engines import make_engine, module_dtype, step_with_grad_norm
@@ -192,8 +192,9 @@ class GANTask:
         both = torch.cat([real_in, fake_in]).to(self.d_dtype)
         logits = (self.d(both) if labels is None else self.d(both, torch.cat([labels, fake_labels]))).float()
         real_logits, fake_logits = logits[:m], logits[m:]
+        margins = ada_margins(real_logits, fake_logits, relativistic=self.g_rel_loss_fn is not None)
         if self.ada is not None:
-            signs = sign_stats(real_logits)
+            signs = sign_stats(margins)
             self._signs = signs if self._signs is None else self._signs + signs
         d_loss = self.d_loss_fn(real_logits, fake_logits)
         total, values = d_loss, {}
@@ -211,7 +212,7 @@ class GANTask:
             values["grad_norm_d"] = norm
         values.update({"d_loss": d_loss.item(), "d_real_logit": real_logits.mean().item(),
                        "d_fake_logit": fake_logits.mean().item(),
-                       "d_rt": real_logits.sign().mean().item()})  # r_t = E[sign(D(real))] (StyleGAN2-ADA)
+                       "d_rt": margins.sign().mean().item()})  # ADA's r_t, E[sign(D(real))] (or of the pair margin)
         return values
 
     def g_phase(self, state: _StepState) -> bool:
