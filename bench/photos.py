@@ -77,7 +77,9 @@ def trained_for(run: Path, minutes: float) -> bool:
     from trainers.judge.report_measure import read_metrics_log
 
     records = read_metrics_log(run)
-    return (run / "checkpoints" / "latest").exists() and bool(records) and records[-1]["time"] - records[0]["time"] >= 0.9 * minutes * 60
+    if not (run / "checkpoints" / "latest").exists() or not records:
+        return False
+    return records[-1]["time"] - records[0]["time"] >= 0.9 * minutes * 60
 
 
 def train_command(name: str, overrides: list[str], work: Path, train: Path, test: Path) -> tuple[list[str], Path]:

@@ -50,7 +50,8 @@ def ada_margins(real_logits: torch.Tensor, fake_logits: torch.Tensor, relativist
 
 
 def sign_stats(real_logits: torch.Tensor) -> torch.Tensor:
-    """[sum of sign(D(real)), number of samples] as one float64 tensor, ready to all-reduce (sum)."""
+    """[sum of sign(D(real)), number of samples] as one float64 tensor, ready to all-reduce (sum);
+    D(real) or the relativistic pair margins, as `ada_margins` gives them."""
     logits = real_logits.detach().flatten()
     return torch.stack([torch.sign(logits.double()).sum(), torch.tensor(float(logits.numel()), dtype=torch.float64,
                                                                           device=logits.device)])
