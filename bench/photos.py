@@ -76,10 +76,10 @@ def trained_for(run: Path, minutes: float) -> bool:
     spanning at least 90% of `minutes` (one cut short by a crash or ^C does not count)."""
     from trainers.judge.report_measure import read_metrics_log
 
+    if not (run / "checkpoints" / "latest").exists():
+        return False  # no need to read the log
     records = read_metrics_log(run)
-    if not (run / "checkpoints" / "latest").exists() or not records:
-        return False
-    return records[-1]["time"] - records[0]["time"] >= 0.9 * minutes * 60
+    return bool(records) and records[-1]["time"] - records[0]["time"] >= 0.9 * minutes * 60
 
 
 def train_command(name: str, overrides: list[str], work: Path, train: Path, test: Path) -> tuple[list[str], Path]:

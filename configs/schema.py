@@ -272,7 +272,8 @@ class GANLossConfig:
     """Adaptive discriminator augmentation (Karras et al. 2020): the r_t = E[sign(D(real))] (with
     the relativistic loss, of D(real) - D(fake) per pair) it steers toward by raising or lowering
     the augmentation probability p (0.6 in the paper; 0 turns ADA off). Flips, integer translation,
-    90-degree rotation, brightness, contrast, saturation, hue and cutout on every image D sees; the fixed alternative is loss.augment (DiffAugment)."""
+    90-degree rotation, brightness, contrast, saturation, hue and cutout on every image D sees; the
+    fixed alternative is loss.augment (DiffAugment)."""
     ada_kimg: float = 100.0
     """ADA speed: p can go from 0 to 1 in this many thousand images (500 in the paper)."""
     ada_interval: int = 4
