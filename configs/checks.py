@@ -11,20 +11,22 @@ from configs.errors import ConfigError
 
 # DiffAugment's ops (trainers.gan.augment implements them under these names).
 AUGMENT_OPS = ("color", "translation", "cutout")
+# ADA's pipeline, in the order it applies them (trainers.gan.ada implements them under these names).
+ADA_OPS = ("xflip", "translate", "rotate90", "brightness", "contrast", "saturation", "hue", "cutout")
 
 
-def parse_augment_ops(value) -> tuple[str, ...]:
-    """loss.augment as a tuple of op names: a list, or a comma-separated string ("" / none: no ops)."""
+def parse_ops(value, key: str = "loss.augment", choices: tuple[str, ...] = AUGMENT_OPS) -> tuple[str, ...]:
+    """An augmentation list (loss.augment, loss.ada_ops) as a tuple of op names: a list, or a
+    comma-separated string ("" / none: no ops); an unknown name stops with the valid ones."""
     if OmegaConf.is_config(value):
         value = OmegaConf.to_object(value)
     if value is None:
         return ()
     items = value.split(",") if isinstance(value, str) else list(value)
     ops = tuple(str(v).strip() for v in items if str(v).strip() and str(v).strip() != "none")
-    bad = [op for op in ops if op not in AUGMENT_OPS]
+    bad = [op for op in ops if op not in choices]
     if bad:
-        raise ConfigError(f"bad value for 'loss.augment': unknown augmentation {bad[0]!r}; "
-                          f"choose from {', '.join(AUGMENT_OPS)}")
+        raise ConfigError(f"bad value for '{key}': unknown augmentation {bad[0]!r}; choose from {', '.join(choices)}")
     return ops
 
 
@@ -68,7 +70,7 @@ def check_gan(cfg: DictConfig) -> None:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by loss.d_steps={loss.d_steps}")
     if min(loss.r1_gamma, loss.r2_gamma, loss.gp_gamma) < 0:
         raise ConfigError("loss.r1_gamma, loss.r2_gamma and loss.gp_gamma must be >= 0")
-    ops = parse_augment_ops(loss.augment)
+    ops = parse_ops(loss.augment)
     if not 0.0 <= cfg.optim.lr_decay_start <= 1.0 or cfg.optim.lr_decay_final < 0:
         raise ConfigError("optim.lr_decay_start must be in [0, 1] and optim.lr_decay_final >= 0")
     if ops and cfg.model.arch == "mlp":
@@ -79,6 +81,9 @@ def check_gan(cfg: DictConfig) -> None:
                               "each other: set one")
         if cfg.model.arch == "mlp" or not loss.ada_target < 1 or loss.ada_kimg <= 0 or loss.ada_interval < 1:
             raise ConfigError("ADA needs images, 0 < loss.ada_target < 1, loss.ada_kimg > 0, loss.ada_interval >= 1")
+        if not parse_ops(loss.ada_ops, "loss.ada_ops", ADA_OPS):
+            raise ConfigError(f"loss.ada_ops is empty: name at least one of {', '.join(ADA_OPS)} (or set "
+                              f"loss.ada_target=0 to turn ADA off)")
     if loss.pl_weight < 0 or loss.pl_every < 1 or (loss.pl_weight > 0 and cfg.model.arch == "mlp"):
         raise ConfigError("loss.pl_weight must be >= 0 (images only) and loss.pl_every >= 1")
     if loss.mode_seeking < 0 or (loss.mode_seeking > 0 and cfg.data.batch_size < 2):

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+from configs.checks import ADA_OPS
+
 
 @dataclass
 class RunConfig:
@@ -274,6 +276,9 @@ class GANLossConfig:
     the augmentation probability p (0.6 in the paper; 0 turns ADA off). Flips, integer translation,
     90-degree rotation, brightness, contrast, saturation, hue and cutout on every image D sees; the
     fixed alternative is loss.augment (DiffAugment)."""
+    ada_ops: List[str] = field(default_factory=lambda: list(ADA_OPS))
+    """ADA's pipeline: any of xflip, translate, rotate90, brightness, contrast, saturation, hue,
+    cutout, applied in that order (all by default: StyleGAN2-ADA's bgc pipeline plus cutout)."""
     ada_kimg: float = 100.0
     """ADA speed: p can go from 0 to 1 in this many thousand images (500 in the paper)."""
     ada_interval: int = 4

@@ -199,3 +199,20 @@ def test_the_r3gan_task_feeds_ada_the_pair_margins(tmp_path, one_rank, one_threa
     assert metrics["d_real_logit"] > 90 and metrics["d_fake_logit"] > 90
     assert -1.0 < metrics["d_rt"] < 1.0
     assert abs(task.ada._sign_sum) < task.ada._count == cfg.data.batch_size  # what the controller was fed
+
+
+def test_loss_ada_ops_choose_the_pipeline_the_task_applies(tmp_path, one_rank):
+    """gan_photos with loss.ada_ops=[xflip,rotate90] at p = 1: every image D sees is its own pixels
+    moved (no colour op touched a value), and most images did move."""
+    from pathlib import Path
+
+    from bench import trainer as bt
+
+    small = ("model.g_channels=8", "model.d_channels=8", "data.batch_size=8", "loss.ada_ops=[xflip,rotate90]")
+    _, _, task, _ = bt.setup("gan_photos", Path(tmp_path), "disabled", small)
+    assert task.ada.ops == ("xflip", "rotate90")
+    task.ada.p = 1.0
+    x = _images(b=16)
+    seen = task._aug(x)
+    assert torch.equal(seen.flatten(1).sort(dim=1).values, x.flatten(1).sort(dim=1).values)
+    assert sum(not torch.equal(seen[i], x[i]) for i in range(16)) >= 12

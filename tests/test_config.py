@@ -99,6 +99,17 @@ def test_gan_cross_field_mistakes_are_caught_when_the_config_loads(preset, overr
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("ops,fragment", [
+    ("[flip]", "bad value for 'loss.ada_ops': unknown augmentation 'flip'; choose from xflip, translate, rotate90, "
+               "brightness, contrast, saturation, hue, cutout"),
+    ("[]", "loss.ada_ops is empty"),
+])
+def test_bad_ada_pipelines_are_caught_when_the_config_loads(ops, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("gan_digits", ["loss.ada_target=0.6", f"loss.ada_ops={ops}"])
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+
+
 def test_negative_mode_seeking_weight_is_rejected():
     with pytest.raises(ConfigError, match="loss.mode_seeking must be >= 0"):
         load_config("configs/gan_digits.yaml", ["loss.mode_seeking=-1"])

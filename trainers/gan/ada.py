@@ -38,7 +38,8 @@ import math
 
 import torch
 
-OPS = ("xflip", "translate", "rotate90", "brightness", "contrast", "saturation", "hue", "cutout")
+from configs.checks import ADA_OPS as OPS
+
 COLOR_OPS = ("brightness", "contrast", "saturation", "hue")
 PAD_MODES = ("reflect", "zeros")
 

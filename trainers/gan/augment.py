@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from configs.checks import AUGMENT_OPS as OPS
-from configs.checks import parse_augment_ops as parse_ops  # noqa: F401 - the config's op names, checked
+from configs.checks import parse_ops  # noqa: F401 - the config's op names, checked
 
 
 def _rand(gen: torch.Generator | None, *shape, device) -> torch.Tensor:

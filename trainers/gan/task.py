@@ -36,7 +36,7 @@ import models
 from trainers.gan.augment import diff_augment, parse_ops
 from trainers.runtime.clock import Clock
 from trainers.runtime.distributed import DistInfo, all_reduce_mean
-from trainers.gan.ada import AdaptiveAugment, ada_margins, sign_stats
+from trainers.gan.ada import OPS as ADA_OPS, AdaptiveAugment, ada_margins, sign_stats
 from trainers.gan.ema import EMA
 from trainers.gan.path_length import path_length_penalty
 from trainers.runtime.engines import make_engine, module_dtype, step_with_grad_norm
@@ -137,7 +137,8 @@ class GANTask:
         self.monitor = CollapseMonitor(diag.alert_min_coverage, diag.alert_min_diversity, diag.alert_after_steps,
                                        diag.alert_patience, dist_info.is_main)
         loss = cfg.loss
-        self.ada = AdaptiveAugment(loss.ada_target, loss.ada_kimg, loss.ada_interval) if loss.ada_target > 0 else None
+        self.ada = (AdaptiveAugment(loss.ada_target, loss.ada_kimg, loss.ada_interval,
+                                    ops=parse_ops(loss.ada_ops, "loss.ada_ops", ADA_OPS)) if loss.ada_target > 0 else None)
         self._signs = None  # this step's [sum of sign(D(real)), count], for ADA
         self.pl_mean = torch.zeros((), device=dist_info.device)  # path length's running mean (StyleGAN2)
         self.phases = [
