@@ -273,9 +273,8 @@ class GANLossConfig:
     ada_target: float = 0.0
     """Adaptive discriminator augmentation (Karras et al. 2020): the r_t = E[sign(D(real))] (with
     the relativistic loss, of D(real) - D(fake) per pair) it steers toward by raising or lowering
-    the augmentation probability p (0.6 in the paper; 0 turns ADA off). Flips, integer translation,
-    90-degree rotation, brightness, contrast, saturation, hue and cutout on every image D sees; the
-    fixed alternative is loss.augment (DiffAugment)."""
+    the augmentation probability p (0.6 in the paper; 0 turns ADA off). The ops of loss.ada_ops on
+    every image D sees; the fixed alternative is loss.augment (DiffAugment)."""
     ada_ops: List[str] = field(default_factory=lambda: list(ADA_OPS))
     """ADA's pipeline: any of xflip, translate, rotate90, brightness, contrast, saturation, hue,
     cutout, applied in that order (all by default: StyleGAN2-ADA's bgc pipeline plus cutout)."""
