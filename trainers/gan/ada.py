@@ -50,12 +50,12 @@ def ada_margins(real_logits: torch.Tensor, fake_logits: torch.Tensor, relativist
     return real_logits - fake_logits if relativistic else real_logits
 
 
-def sign_stats(real_logits: torch.Tensor) -> torch.Tensor:
-    """[sum of sign(D(real)), number of samples] as one float64 tensor, ready to all-reduce (sum);
-    D(real) or the relativistic pair margins, as `ada_margins` gives them."""
-    logits = real_logits.detach().flatten()
-    return torch.stack([torch.sign(logits.double()).sum(), torch.tensor(float(logits.numel()), dtype=torch.float64,
-                                                                          device=logits.device)])
+def sign_stats(margins: torch.Tensor) -> torch.Tensor:
+    """[sum of sign(margins), number of samples] as one float64 tensor, ready to all-reduce (sum);
+    the margins are D(real) or the relativistic pair margins, as `ada_margins` gives them."""
+    values = margins.detach().flatten()
+    return torch.stack([torch.sign(values.double()).sum(), torch.tensor(float(values.numel()), dtype=torch.float64,
+                                                                        device=values.device)])
 
 
 class AdaptiveAugment:

@@ -30,13 +30,13 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from configs.checks import check_gan
+from configs.checks import ADA_OPS, check_gan
 from data_shards.stream import batch_to_float
 import models
 from trainers.gan.augment import diff_augment, parse_ops
 from trainers.runtime.clock import Clock
 from trainers.runtime.distributed import DistInfo, all_reduce_mean
-from trainers.gan.ada import OPS as ADA_OPS, AdaptiveAugment, ada_margins, sign_stats
+from trainers.gan.ada import AdaptiveAugment, ada_margins, sign_stats
 from trainers.gan.ema import EMA
 from trainers.gan.path_length import path_length_penalty
 from trainers.runtime.engines import make_engine, module_dtype, step_with_grad_norm
