@@ -11,10 +11,11 @@ import torch
 def cpu_bf16_isa() -> str | None:
     """How this CPU computes bf16: "amx" (AMX tiles: Intel Sapphire Rapids and later),
     "avx512_bf16" (dot-product instructions only: Cooper Lake, AMD Zen 4), or None (emulated).
-    Which precision trains a network faster differs between the two (a 64-channel 3x3 conv in
-    bf16: 4.8x fp32's speed with AMX, 1.03x with AVX512-BF16 alone, on one Xeon core), so
-    measured preferences (models.registry.CPU_PRECISION) are kept per kind. oneDNN capped below
-    AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16) counts as "avx512_bf16"."""
+    Which precision trains a network faster can differ between the two, so measured
+    preferences (models.registry.CPU_PRECISION) are kept per kind: bf16 won for every network on
+    both a Xeon with AMX and a real Zen 4 (bench/results/precision.md), while a Xeon with oneDNN
+    capped below AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16, which counts as "avx512_bf16" here)
+    ran them slower in bf16 and was no stand-in for Zen 4."""
     capability, flags = torch.backends.cpu.get_cpu_capability(), _cpuinfo_flags()
     if (capability == "AMX" or "amx_bf16" in flags) and _onednn_may_use_amx():
         return "amx"

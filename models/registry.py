@@ -17,21 +17,15 @@ from typing import Callable
 _BUILDERS: dict[str, dict[str, Callable]] = {}
 
 # (family, arch) -> {how the CPU computes bf16: precision}: what `trainer.precision=auto` takes on
-# a CPU with native bf16 for networks where `python -m bench.precision` measured another precision
+# a CPU with native bf16 for a network where `python -m bench.precision` measured another precision
 # faster than bf16 (bench/results/precision.md). Keyed by the CPU's bf16 instructions ("amx": AMX
 # tiles; "avx512_bf16": AVX512-BF16 dot products, as on AMD Zen 4), since which precision wins
 # depends on them. Unlisted archs train in bf16 on such CPUs; CUDA is not affected.
-# Measured 2026-12-05 on one core of a shared Xeon VM (AMX), the "avx512_bf16" column with
-# oneDNN capped below AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16); bf16/fp32 step time: 1.11-1.23
-# there for every network below, 0.61-0.88 with AMX (so "amx" keeps bf16).
-CPU_PRECISION: dict[tuple[str, str], dict[str, str]] = {
-    ("gan", "r3gan"): {"avx512_bf16": "fp32"},  # 1.21
-    ("gan", "stylegan2"): {"avx512_bf16": "fp32"},  # 1.13
-    ("gan", "dcgan"): {"avx512_bf16": "fp32"},  # 1.23 photos (64 channels), 1.11 digits
-    ("vae", "conv"): {"avx512_bf16": "fp32"},  # 1.12
-    ("paired", "esrgan"): {"avx512_bf16": "fp32"},  # 1.14
-    ("paired", "pix2pix"): {"avx512_bf16": "fp32"},  # 1.15
-}
+# Empty: every network trains faster in bf16 on both kinds measured, one thread each:
+# bf16/fp32 step time 0.61-0.88 on a Xeon with AMX (2026-12-05) and 0.64-0.83 on a real AMD EPYC
+# Zen 4 (2026-12-06). The "avx512_bf16" entries that stood here (fp32 for every network) came from
+# the Xeon with oneDNN capped below AMX, a stand-in that read 1.11-1.23 and was wrong for Zen 4.
+CPU_PRECISION: dict[tuple[str, str], dict[str, str]] = {}
 
 def register(family: str, arch: str) -> Callable[[Callable], Callable]:
     """Decorator: make `builder(model_cfg, data_cfg)` the one for `model.arch == arch` in `family`."""
