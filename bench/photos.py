@@ -17,7 +17,9 @@ the spread across them beside it, which is what a "better on every metric" claim
 run's final checkpoint moves FD_domain by 10-20% from one checkpoint to the next). A rerun starts
 each run it trains from an empty folder; `--reuse` keeps the runs already trained for the budget
 (`--seeds 4 --reuse` after `--seeds 2` trains seeds 2 and 3 only, and judges all four). Rows of models
-not run this time are kept from the earlier results at the same budget, each with its date.
+not run this time are kept from the earlier results at the same budget on the same machine, each with
+its date: equal wall clock is equal work only on one kind of CPU, so a bench on another machine
+belongs in its own `--out` (bench/results/zen4 holds an AMD EPYC's).
 """
 from __future__ import annotations
 
@@ -141,14 +143,29 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
     return lines
 
 
-def merge_rows(path: Path, minutes: float, rows: dict[str, dict]) -> dict[str, dict]:
+def this_machine() -> str:
+    """The CPU a row was measured on, as rows record it: its model name and how it computes bf16.
+    Equal wall clock is only equal work on one kind of CPU (R3GAN 6.8 s/kimg and the DCGAN 3.4
+    on a Xeon with AMX, 7.2 and 4.6 on a Zen 4), so rows of different machines are never merged or compared."""
+    from bench.run import machine
+    from models.cpu import cpu_bf16_isa
+
+    return f"{machine()['cpu']}, bf16 {cpu_bf16_isa() or 'emulated'}"
+
+
+def merge_rows(path: Path, minutes: float, rows: dict[str, dict], machine: str) -> dict[str, dict]:
     """This bench's rows over an earlier results file's: a model not run this time keeps its row
-    when that was measured at the same budget (rows carry their own date and seed count)."""
+    when that was measured at the same budget on the same machine (rows carry their own date,
+    seed count and machine)."""
     if not path.exists():
         return rows
     old = json.loads(path.read_text())
     kept = {name: {"seeds": 1, "measured": "earlier", **row} for name, row in old.get("rows", {}).items()
-            if name not in rows and row.get("minutes", old.get("minutes")) == minutes}
+            if name not in rows and row.get("minutes", old.get("minutes")) == minutes
+            and row.get("machine") == machine}
+    dropped = sorted(set(old.get("rows", {})) - set(rows) - set(kept))
+    if dropped:
+        print(f"[bench.photos] not kept from {path} (another budget or machine): {', '.join(dropped)}", flush=True)
     return {**kept, **rows}
 
 
@@ -300,7 +317,7 @@ def main(argv=None) -> int:
         todo = {key: cmd for key, cmd in commands.items() if key not in reused}
         clear_runs([runs[key] for key in todo])
         run_for(todo, args.minutes, args.work, cores)
-    measured = time.strftime("%Y-%m-%d")
+    measured, machine = time.strftime("%Y-%m-%d"), this_machine()
     rows = {}
     for name in models:
         per_seed = []
@@ -314,17 +331,17 @@ def main(argv=None) -> int:
             print(f"[bench.photos] {key}: {json.dumps({k: v for k, v in result.items() if k != 'extractor'})}",
                   flush=True)
             per_seed.append(result)
-        rows[name] = {**summarise(per_seed), "minutes": args.minutes, "measured": measured}
+        rows[name] = {**summarise(per_seed), "minutes": args.minutes, "measured": measured, "machine": machine}
     load = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = merge_rows(args.out / "photos.json", args.minutes, rows)
+    rows = merge_rows(args.out / "photos.json", args.minutes, rows, machine)
     (args.out / "photos.json").write_text(json.dumps({"minutes": args.minutes, "load_avg": load, "rows": rows},
                                                      indent=1, default=str))
     head = ("| model | seeds | measured | kimg | s/kimg | fd_random | kid_random | fd_domain | kid_domain | "
             "cond. accuracy | class coverage | class TV |")
     threads = "1, one core per model" if cores else os.environ.get("OMP_NUM_THREADS", "the launcher's default")
-    lines = [f"Budget {args.minutes:g} min per model, {args.n} images a side; OMP_NUM_THREADS={threads}; "
-             f"load average at end {load[0]:.1f}. With several seeds: mean ± standard deviation across them.",
+    lines = [f"Machine: {machine}. Budget {args.minutes:g} min per model, {args.n} images a side; "
+             f"OMP_NUM_THREADS={threads}; load average at end {load[0]:.1f}. With several seeds: mean ± standard deviation across them.",
              "", head, "|" + "---|" * 12]
     for name, r in rows.items():
         lines.append(f"| {name} | {r.get('seeds', 1)} | {r.get('measured', '')} | {r['images_seen'] / 1000:.0f} | "

@@ -136,7 +136,8 @@ def test_a_failing_photo_bench_run_is_named_and_stops_the_others(tmp_path):
 def test_photo_bench_rows_are_seed_means_and_a_win_must_clear_the_spread(tmp_path):
     """bench.photos --seeds: a row is the mean over seeds with the spread beside it; a modern
     network is only 'better' than a DCGAN where the difference is larger than that spread; rows
-    of models not run this time are kept from the earlier file at the same budget only."""
+    of models not run this time are kept from the earlier file at the same budget and on the same
+    machine only."""
     from bench.photos import FIGURES, merge_rows, summarise, verdicts
 
     def run(seed, fd, acc):
@@ -157,10 +158,13 @@ def test_photo_bench_rows_are_seed_means_and_a_win_must_clear_the_spread(tmp_pat
     assert "worse on fd_random, conditional_accuracy" in worse
 
     path = tmp_path / "photos.json"
-    path.write_text(json.dumps({"minutes": 20.0, "rows": {"dcgan": dc, "r3gan": dc, "stylegan2": dc}}))
-    merged = merge_rows(path, 20.0, {"r3gan": r3})
-    assert merged["r3gan"] is r3 and merged["dcgan"]["measured"] == "earlier" and set(merged) == {"dcgan", "r3gan", "stylegan2"}
-    assert set(merge_rows(path, 8.0, {"r3gan": r3})) == {"r3gan"}  # another budget's rows are not comparable
+    xeon, zen4 = "Intel(R) Xeon(R) Processor, bf16 amx", "AMD EPYC, bf16 avx512_bf16"
+    path.write_text(json.dumps({"minutes": 20.0, "rows": {"dcgan": dict(dc, machine=xeon), "r3gan": dict(dc, machine=xeon),
+                                                          "stylegan2": dict(dc, machine=zen4)}}))
+    merged = merge_rows(path, 20.0, {"r3gan": r3}, xeon)
+    assert merged["r3gan"] is r3 and merged["dcgan"]["measured"] == "earlier" and set(merged) == {"dcgan", "r3gan"}
+    assert set(merge_rows(path, 8.0, {"r3gan": r3}, xeon)) == {"r3gan"}  # another budget's rows are not comparable
+    assert set(merge_rows(path, 20.0, {"r3gan": r3}, zen4)) == {"r3gan", "stylegan2"}  # nor another CPU's
 
 
 def test_photo_bench_refuses_an_unknown_model_before_building_anything(tmp_path, capsys):
