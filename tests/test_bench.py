@@ -223,3 +223,18 @@ def test_photo_bench_reuses_only_runs_trained_for_the_whole_budget(tmp_path):
     assert not trained_for(fake_run("no-checkpoint", 19.5, checkpoint=False), 20.0)
     assert not trained_for(run_dir(tmp_path, "never-started"), 20.0)
     assert not trained_for(run_dir(tmp_path, "whole"), 40.0)  # another budget's run is not this one's
+
+
+def test_photo_bench_dcgan_keeps_the_settings_its_rows_were_measured_with():
+    """The bench's DCGAN borrows gan_photos.yaml and overrides what makes it a DCGAN. Tuning the
+    preset for R3GAN must not move the baseline: ADA's target there went 0.6 -> 0.4, and a DCGAN
+    that took it along ran p up to 0.3 and lost a third of its class accuracy."""
+    from bench.photos import MODELS
+    from configs.load import load_config
+
+    for name in ("dcgan", "dcgan_lr1e-3"):
+        cfg = load_config("configs/gan_photos.yaml", [*MODELS[name], "model.num_classes=16"])
+        loss = cfg.loss
+        assert cfg.model.arch == "dcgan" and (cfg.model.g_channels, cfg.model.d_channels) == (64, 64)
+        assert (loss.loss, loss.r1_gamma, loss.r2_gamma, loss.r1_every, loss.mode_seeking) == ("nonsaturating", 1.0, 0, 4, 0)
+        assert loss.ada_target == 0.6, name
