@@ -151,7 +151,8 @@ def verdicts(rows: dict[str, dict]) -> list[str]:
 def this_machine() -> str:
     """The CPU a row was measured on, as rows record it: its model name and how it computes bf16.
     Equal wall clock is only equal work on one kind of CPU (R3GAN 6.8 s/kimg and the DCGAN 3.4
-    on a Xeon with AMX, 7.2 and 4.6 on a Zen 4), so rows of different machines are never merged or compared."""
+    on a Xeon with AMX, 7.2 and 4.6 on a Zen 4), so rows of different machines are never merged
+    into one table or compared."""
     from bench.run import machine
     from models.cpu import cpu_bf16_isa
 
@@ -346,7 +347,8 @@ def main(argv=None) -> int:
             "cond. accuracy | class coverage | class TV |")
     threads = "1, one core per model" if cores else os.environ.get("OMP_NUM_THREADS", "the launcher's default")
     lines = [f"Machine: {machine}. Budget {args.minutes:g} min per model, {args.n} images a side; "
-             f"OMP_NUM_THREADS={threads}; load average at end {load[0]:.1f}. With several seeds: mean ± standard deviation across them.",
+             f"OMP_NUM_THREADS={threads}; load average at end {load[0]:.1f}. "
+             "With several seeds: mean ± standard deviation across them.",
              "", head, "|" + "---|" * 12]
     for name, r in rows.items():
         lines.append(f"| {name} | {r.get('seeds', 1)} | {r.get('measured', '')} | {r['images_seen'] / 1000:.0f} | "

@@ -27,6 +27,7 @@ _BUILDERS: dict[str, dict[str, Callable]] = {}
 # the Xeon with oneDNN capped below AMX, a stand-in that read 1.11-1.23 and was wrong for Zen 4.
 CPU_PRECISION: dict[tuple[str, str], dict[str, str]] = {}
 
+
 def register(family: str, arch: str) -> Callable[[Callable], Callable]:
     """Decorator: make `builder(model_cfg, data_cfg)` the one for `model.arch == arch` in `family`."""
     def add(builder: Callable) -> Callable:
