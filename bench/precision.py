@@ -34,14 +34,13 @@ from pathlib import Path
 import torch
 
 from bench.common import interleaved, median, median_ratio
-from bench.photos import DCGAN_OVERRIDES
 from bench.trainer import ADA_P_HELD, PHOTO_SHAPE, _seed, cadence, fresh_copy, round_up, synthetic_batch
 
 PRECISIONS = ("fp32", "bf16")
 # name -> (preset, overrides)
 PRESETS = {
     "gan_photos": ("configs/gan_photos.yaml", (*PHOTO_SHAPE, ADA_P_HELD)),
-    "gan_photos_dcgan": ("configs/gan_photos.yaml", (*PHOTO_SHAPE, ADA_P_HELD, *DCGAN_OVERRIDES)),
+    "gan_photos_dcgan": ("configs/gan_photos_dcgan.yaml", (*PHOTO_SHAPE, ADA_P_HELD)),
     "gan_photos_stylegan2": ("configs/gan_photos_stylegan2.yaml", (*PHOTO_SHAPE, ADA_P_HELD)),
     "vae_photos": ("configs/vae_photos.yaml", PHOTO_SHAPE[:2]),
     "sr4_photos": ("configs/sr4_photos.yaml", ("loss.adv_start_step=0",)),
