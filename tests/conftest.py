@@ -11,6 +11,10 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "gentrain" / "torch_extensions"))
+# `make test` runs two pytest-xdist workers on two cores: each worker, and every trainer it starts,
+# takes one OpenMP thread (two 2-thread processes on 2 cores spin-wait each other 10-24x slower).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def run_gentrain(*args, cwd=None, timeout=600, check=True, env=None) -> subprocess.CompletedProcess:
