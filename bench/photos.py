@@ -24,6 +24,7 @@ belongs in its own `--out` (bench/results/zen4 holds an AMD EPYC's).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -153,19 +154,26 @@ def this_machine() -> str:
     return f"{machine()['cpu']}, bf16 {cpu_bf16_isa() or 'emulated'}"
 
 
-def merge_rows(path: Path, minutes: float, rows: dict[str, dict], machine: str) -> dict[str, dict]:
+def merge_rows(path: Path, minutes: float, rows: dict[str, dict], machine: str, domain: str) -> dict[str, dict]:
     """This bench's rows over an earlier results file's: a model not run this time keeps its row
-    when that was measured at the same budget on the same machine (rows carry their own date,
-    seed count and machine)."""
+    when that was measured at the same budget on the same machine, and judged by the same fit of
+    the domain classifier (`domain`, its weights' sha256; it is refitted in each --work). Rows
+    carry their own date, seed count, machine and fit; a row from before fits were recorded is
+    kept, with a warning."""
     if not path.exists():
         return rows
     old = json.loads(path.read_text())
     kept = {name: {"seeds": 1, "measured": "earlier", **row} for name, row in old.get("rows", {}).items()
             if name not in rows and row.get("minutes", old.get("minutes")) == minutes
-            and row.get("machine") == machine}
+            and row.get("machine") == machine and row.get("domain_sha256", domain) == domain}
     dropped = sorted(set(old.get("rows", {})) - set(rows) - set(kept))
     if dropped:
-        print(f"[bench.photos] not kept from {path} (another budget or machine): {', '.join(dropped)}", flush=True)
+        print(f"[bench.photos] not kept from {path} (another budget, machine or domain fit): {', '.join(dropped)}",
+              flush=True)
+    unrecorded = sorted(name for name, row in kept.items() if "domain_sha256" not in row)
+    if unrecorded:
+        print(f"[bench.photos] kept from {path} without a recorded domain fit (judged in another --work): "
+              f"{', '.join(unrecorded)}", flush=True)
     return {**kept, **rows}
 
 
@@ -300,6 +308,7 @@ def main(argv=None) -> int:
         images, labels = read_images(train, 32, 3, 3000, with_labels=True)
         fit_domain_extractor(images, labels, out=domain_path)
     domain = get_extractor("domain", domain_path=domain_path)
+    domain_sha256 = hashlib.sha256(domain_path.read_bytes()).hexdigest()
     num_classes = json.loads((train / "manifest.json").read_text())["num_classes"]
     available = sorted(os.sched_getaffinity(0))
     if args.jobs > len(available):
@@ -331,16 +340,20 @@ def main(argv=None) -> int:
             print(f"[bench.photos] {key}: {json.dumps({k: v for k, v in result.items() if k != 'extractor'})}",
                   flush=True)
             per_seed.append(result)
-        rows[name] = {**summarise(per_seed), "minutes": args.minutes, "measured": measured, "machine": machine}
+        rows[name] = {**summarise(per_seed), "minutes": args.minutes, "measured": measured, "machine": machine,
+                      "domain_sha256": domain_sha256}
     load = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = merge_rows(args.out / "photos.json", args.minutes, rows, machine)
+    rows = merge_rows(args.out / "photos.json", args.minutes, rows, machine, domain_sha256)
     (args.out / "photos.json").write_text(json.dumps({"minutes": args.minutes, "load_avg": load, "rows": rows},
                                                      indent=1, default=str))
     head = ("| model | seeds | measured | kimg | s/kimg | fd_random | kid_random | fd_domain | kid_domain | "
             "cond. accuracy | class coverage | class TV |")
+    unrecorded = [name for name, r in rows.items() if "domain_sha256" not in r]
     threads = "1, one core per model" if cores else os.environ.get("OMP_NUM_THREADS", "the launcher's default")
     lines = [f"Machine: {machine}. Budget {args.minutes:g} min per model, {args.n} images a side; "
+             f"domain classifier {domain_sha256[:12]} (rows from before fits were recorded: "
+             f"{', '.join(unrecorded) or 'none'}); "
              f"OMP_NUM_THREADS={threads}; load average at end {load[0]:.1f}. "
              "With several seeds: mean ± standard deviation across them.",
              "", head, "|" + "---|" * 12]

@@ -161,10 +161,15 @@ def test_photo_bench_rows_are_seed_means_and_a_win_must_clear_the_spread(tmp_pat
     xeon, zen4 = "Intel(R) Xeon(R) Processor, bf16 amx", "AMD EPYC, bf16 avx512_bf16"
     rows = {"dcgan": dict(dc, machine=xeon), "r3gan": dict(dc, machine=xeon), "stylegan2": dict(dc, machine=zen4)}
     path.write_text(json.dumps({"minutes": 20.0, "rows": rows}))
-    merged = merge_rows(path, 20.0, {"r3gan": r3}, xeon)
+    merged = merge_rows(path, 20.0, {"r3gan": r3}, xeon, "fit-a")
     assert merged["r3gan"] is r3 and merged["dcgan"]["measured"] == "earlier" and set(merged) == {"dcgan", "r3gan"}
-    assert set(merge_rows(path, 8.0, {"r3gan": r3}, xeon)) == {"r3gan"}  # another budget's rows are not comparable
-    assert set(merge_rows(path, 20.0, {"r3gan": r3}, zen4)) == {"r3gan", "stylegan2"}  # nor another CPU's
+    assert set(merge_rows(path, 8.0, {"r3gan": r3}, xeon, "fit-a")) == {"r3gan"}  # another budget's: not comparable
+    assert set(merge_rows(path, 20.0, {"r3gan": r3}, zen4, "fit-a")) == {"r3gan", "stylegan2"}  # nor another CPU's
+    # Nor rows judged by another fit of the domain classifier; a row from before fits were recorded is kept.
+    rows["dcgan"]["domain_sha256"] = "fit-b"
+    path.write_text(json.dumps({"minutes": 20.0, "rows": rows}))
+    assert set(merge_rows(path, 20.0, {"r3gan": r3}, xeon, "fit-a")) == {"r3gan"}
+    assert set(merge_rows(path, 20.0, {"r3gan": r3}, xeon, "fit-b")) == {"r3gan", "dcgan"}
 
 
 def test_photo_bench_refuses_an_unknown_model_before_building_anything(tmp_path, capsys):
