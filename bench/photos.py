@@ -9,8 +9,9 @@ Each model is its preset: `configs/gan_photos.yaml` (R3GAN-style), `gan_photos_s
 and `gan_photos_dcgan.yaml` (the digits preset's loss: nonsaturating + lazy R1, and no mode-seeking
 term; at two learning rates), trained by the real `gentrain train` for `--minutes` and then
 stopped with SIGTERM: it checkpoints at the next step and exits 75, as on a preempted cluster.
-`--jobs 2` trains two at a time, one per core. The judge is a domain classifier fitted on the real train crops (trainers.judge.extractors): it
-reads a sample generated for class k as some class; conditional accuracy is how often that is k.
+`--jobs 2` trains two at a time, one per core. The judge is a domain classifier fitted on the
+real train crops (trainers.judge.extractors): it reads a sample generated for class k as some
+class; conditional accuracy is how often that is k.
 
 `--seeds N` trains every model N times (run.seed 0..N-1): a row is then the mean over seeds with
 the spread across them beside it, which is what a "better on every metric" claim has to beat (one
