@@ -30,6 +30,7 @@ global generator; `noise_mode="const"` uses fixed per-layer noise buffers, "none
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -277,6 +278,21 @@ class StyleGAN2Discriminator(nn.Module):
             onehot = F.one_hot(require_labels(c, self.num_classes, "discriminator"), self.num_classes).to(feat.dtype)
             logits = logits + (self.embed(onehot) * feat).sum(1) / math.sqrt(feat.shape[1])
         return logits
+
+
+@contextmanager
+def noise_from(net: nn.Module, generator: torch.Generator):
+    """Inside the block a StyleGAN2 generator draws its per-layer noise from `generator` (other
+    networks have none): samples seeded by it are then the same each time, and a sampler that
+    shares the training noise stream does not consume it."""
+    if not hasattr(net, "noise_generator"):
+        yield
+        return
+    saved, net.noise_generator = net.noise_generator, generator
+    try:
+        yield
+    finally:
+        net.noise_generator = saved
 
 
 @register("gan", "stylegan2")

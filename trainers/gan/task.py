@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from configs.checks import ADA_OPS, check_gan
 from data_shards.stream import batch_to_float
 import models
+from models.stylegan2 import noise_from
 from trainers.gan.augment import diff_augment, parse_ops
 from trainers.runtime.clock import Clock
 from trainers.runtime.distributed import DistInfo, all_reduce_mean
@@ -392,8 +393,10 @@ class GANTask:
         gen = torch.Generator(device=self.dist.device).manual_seed(seed)
         z = torch.randn(n, self.cfg.model.z_dim, generator=gen, device=self.dist.device)
         labels = torch.arange(n, device=self.dist.device) % self.num_classes if self.num_classes else None
-        return np.concatenate([images_to_uint8_nchw(self.sampler(*generator_args(
-            self.sampler, z[i:i + 250], None if labels is None else labels[i:i + 250]))) for i in range(0, n, 250)])
+        with noise_from(self.sampler, gen):  # StyleGAN2's noise: seeded too, and never the training stream
+            return np.concatenate([images_to_uint8_nchw(self.sampler(*generator_args(
+                self.sampler, z[i:i + 250], None if labels is None else labels[i:i + 250])))
+                for i in range(0, n, 250)])
 
     @property
     def sampler(self) -> torch.nn.Module:
@@ -402,7 +405,9 @@ class GANTask:
 
     @torch.no_grad()
     def samples(self) -> dict[str, np.ndarray]:
-        out = self.sampler(*generator_args(self.sampler, self.fixed_z, self.fixed_c)).float()
+        # StyleGAN2's noise: the same draw in every grid (as fixed_z), and never the training stream.
+        with noise_from(self.sampler, torch.Generator(device=self.dist.device).manual_seed(self.cfg.run.seed)):
+            out = self.sampler(*generator_args(self.sampler, self.fixed_z, self.fixed_c)).float()
         if not m_is_image(self.cfg):
             return {"samples": scatter_plot(out.cpu().numpy())}
         return {"samples": make_grid(to_uint8(out), nrow=8)}
