@@ -4,7 +4,7 @@ PY        := $(VENV)/bin/python
 GENTRAIN  := $(VENV)/bin/gentrain
 PYTEST_ARGS ?=
 # `make test` runs the suite in two pytest-xdist workers, one per core (each test process and its
-# trainers on one OpenMP thread, tests/conftest.py): 563 s against 998 s serial on a 2-core Zen 4.
+# trainers on one OpenMP thread, tests/conftest.py): 587 s against 998 s serial on a 2-core Zen 4.
 # TEST_WORKERS=0 runs it in one process.
 TEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist worksteal)

@@ -262,7 +262,7 @@ def test_stylegan2_noise_inputs():
 def test_samples_of_a_stylegan2_run_are_the_same_for_the_same_seed(monkeypatch):
     """`gentrain sample --seed` and the judge's samples draw StyleGAN2's noise inputs from the
     seeded stream too (they came from torch's global generator: the same checkpoint judged twice
-    moved FD_domain 8.0 -> 8.8), and leave the noise stream the net trains with alone."""
+    moved FD_domain 8.8 -> 8.6), and leave the noise stream the net trains with alone."""
     from trainers.judge import inference
 
     g, _ = _nets("stylegan2", 16, 3)
