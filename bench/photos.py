@@ -25,7 +25,6 @@ belongs in its own `--out` (bench/results/zen4 holds an AMD EPYC's).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -300,7 +299,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("WANDB_MODE", "disabled")
     args.work.mkdir(parents=True, exist_ok=True)
     train, test = build_data(args.work)
-    from trainers.judge.extractors import fit_domain_extractor, get_extractor
+    from trainers.judge.extractors import fit_domain_extractor, get_extractor, sha256_file
     from trainers.judge.quality import read_images
     from trainers.judge.report_measure import read_metrics_log
 
@@ -309,7 +308,7 @@ def main(argv=None) -> int:
         images, labels = read_images(train, 32, 3, 3000, with_labels=True)
         fit_domain_extractor(images, labels, out=domain_path)
     domain = get_extractor("domain", domain_path=domain_path)
-    domain_sha256 = hashlib.sha256(domain_path.read_bytes()).hexdigest()
+    domain_sha256 = sha256_file(domain_path)
     num_classes = json.loads((train / "manifest.json").read_text())["num_classes"]
     available = sorted(os.sched_getaffinity(0))
     if args.jobs > len(available):

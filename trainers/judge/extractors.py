@@ -508,7 +508,8 @@ class InceptionExtractor(FeatureExtractor):
         return {**super().describe(), "path": self.path, "weights_sha256": self.sha256}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -529,7 +530,7 @@ def load_inception_extractor(path, expected_sha256: str | None = FID_INCEPTION_S
     if not path.is_file():
         raise ValueError(f"Inception weights {path} do not exist; gentrain never downloads them: fetch "
                          f"{FID_INCEPTION_FILE} (sha256 {FID_INCEPTION_SHA256}) yourself and pass its path")
-    digest = _sha256_file(path)
+    digest = sha256_file(path)
     if expected_sha256 is not None and digest != expected_sha256.lower():
         raise ValueError(f"Inception weights {path} have sha256 {digest}, not {expected_sha256} "
                          f"({FID_INCEPTION_FILE}); refusing them: fd_inception from other weights is not FID")
