@@ -3,7 +3,7 @@ the same wall-clock budget each: Frechet distance and KID on the held-out split 
 domain extractors), class-conditional accuracy, per-class coverage and s/kimg.
 
     python -m bench.photos [--minutes 20] [--jobs 2] [--seeds 1] [--models dcgan,r3gan,...]
-                           [--work /tmp/gentrain-photos] [--out bench/results]
+                           [--n 5000] [--work /tmp/gentrain-photos] [--out bench/results]
 
 Each model is its preset: `configs/gan_photos.yaml` (R3GAN-style), `gan_photos_stylegan2.yaml`
 and `gan_photos_dcgan.yaml` (the digits preset's loss: nonsaturating + lazy R1, and no mode-seeking
@@ -11,15 +11,16 @@ term; at two learning rates), trained by the real `gentrain train` for `--minute
 stopped with SIGTERM: it checkpoints at the next step and exits 75, as on a preempted cluster.
 `--jobs 2` trains two at a time, one per core. The judge is a domain classifier fitted on the
 real train crops (trainers.judge.extractors): it reads a sample generated for class k as some
-class; conditional accuracy is how often that is k.
+class; conditional accuracy is how often that is k. Each run is judged on `--n` generated images
+against as many held-out crops (the held-out split is built that large).
 
 `--seeds N` trains every model N times (run.seed 0..N-1): a row is then the mean over seeds with
 the spread across them beside it, which is what a "better on every metric" claim has to beat (one
 run's final checkpoint moves FD_domain by 10-20% from one checkpoint to the next). A rerun starts
 each run it trains from an empty folder; `--reuse` keeps the runs already trained for the budget
 (`--seeds 4 --reuse` after `--seeds 2` trains seeds 2 and 3 only, and judges all four). Rows of models
-not run this time are kept from the earlier results at the same budget on the same machine, each with
-its date: equal wall clock is equal work only on one kind of CPU, so a bench on another machine
+not run this time are kept from the earlier results at the same budget and --n on the same machine,
+each with its date: equal wall clock is equal work only on one kind of CPU, so a bench on another machine
 belongs in its own `--out` (bench/results/zen4 holds an AMD EPYC's).
 """
 from __future__ import annotations
@@ -49,12 +50,28 @@ MODELS = {
 }
 
 
-def build_data(work: Path) -> tuple[Path, Path]:
+# The held-out split's size when --n asks for no more (`gentrain shards build photos --split test`).
+TEST_SAMPLES = 1200
+
+
+def test_samples(n: int) -> int:
+    """How many held-out crops the bench judges `--n` images a side against: the split's default
+    size, or n where n is larger. So n alone decides the real side a row was judged on."""
+    return max(TEST_SAMPLES, n)
+
+
+def build_data(work: Path, n: int = 1000) -> tuple[Path, Path]:
+    """The train and held-out crops under `work`, the held-out split sized for `--n` (rebuilt when
+    an earlier bench built it at another size: it is the bench's scratch)."""
     train, test = work / "photos32", work / "photos32_test"
-    for out, split in ((train, "train"), (test, "test")):
-        if not (out / "manifest.json").exists():
+    for out, split, count in ((train, "train", None), (test, "test", test_samples(n))):
+        manifest = out / "manifest.json"
+        if manifest.exists() and count is not None and json.loads(manifest.read_text())["num_samples"] != count:
+            shutil.rmtree(out)
+        if not manifest.exists():
             subprocess.run([sys.executable, "-m", "launcher.cli", "shards", "build", "photos", "--out", str(out),
-                            "--image-size", "32", "--split", split, "--quiet"], check=True, cwd=ROOT)
+                            "--image-size", "32", "--split", split, "--quiet",
+                            *(["--num-samples", str(count)] if count is not None else [])], check=True, cwd=ROOT)
     return train, test
 
 
@@ -154,21 +171,23 @@ def this_machine() -> str:
     return f"{machine()['cpu']}, bf16 {cpu_bf16_isa() or 'emulated'}"
 
 
-def merge_rows(path: Path, minutes: float, rows: dict[str, dict], machine: str, domain: str) -> dict[str, dict]:
+def merge_rows(path: Path, minutes: float, rows: dict[str, dict], machine: str, domain: str,
+               n: int) -> dict[str, dict]:
     """This bench's rows over an earlier results file's: a model not run this time keeps its row
-    when that was measured at the same budget on the same machine, and judged by the same fit of
-    the domain classifier (`domain`, its weights' sha256; it is refitted in each --work). Rows
-    carry their own date, seed count, machine and fit; a row from before fits were recorded is
-    kept, with a warning."""
+    when that was measured at the same budget on the same machine, and judged at the same `n`
+    by the same fit of the domain classifier (`domain`, its weights' sha256; it is refitted in
+    each --work). Rows carry their own date, seed count, machine and fit; a row from before
+    fits were recorded is kept, with a warning."""
     if not path.exists():
         return rows
     old = json.loads(path.read_text())
     kept = {name: {"seeds": 1, "measured": "earlier", **row} for name, row in old.get("rows", {}).items()
             if name not in rows and row.get("minutes", old.get("minutes")) == minutes
-            and row.get("machine") == machine and row.get("domain_sha256", domain) == domain}
+            and row.get("machine") == machine and row.get("domain_sha256", domain) == domain
+            and row.get("n") == n}
     dropped = sorted(set(old.get("rows", {})) - set(rows) - set(kept))
     if dropped:
-        print(f"[bench.photos] not kept from {path} (another budget, machine or domain fit): {', '.join(dropped)}",
+        print(f"[bench.photos] not kept from {path} (another budget, machine, --n or domain fit): {', '.join(dropped)}",
               flush=True)
     unrecorded = sorted(name for name, row in kept.items() if "domain_sha256" not in row)
     if unrecorded:
@@ -271,7 +290,11 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget per model")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gentrain-photos"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
-    parser.add_argument("--n", type=int, default=1000, help="images a side for FD/KID")
+    # At 1,000 a side another draw of the same checkpoint's samples moved its FD_domain by up to 1.4,
+    # as much as the spread across seeds; 5,000 take ~50 s a run on one core.
+    parser.add_argument("--n", type=int, default=5000,
+                        help="images a side for FD/KID and generated images for class accuracy; the held-out "
+                             "split is built with max(1200, N) crops")
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
     parser.add_argument("--seeds", type=int, default=1,
                         help="runs per model (run.seed 0..N-1); rows are means, with the spread across seeds")
@@ -298,7 +321,7 @@ def main(argv=None) -> int:
             parser.error(f"--judge-only: no trained run of {', '.join(untrained)} in {args.work}")
     os.environ.setdefault("WANDB_MODE", "disabled")
     args.work.mkdir(parents=True, exist_ok=True)
-    train, test = build_data(args.work)
+    train, test = build_data(args.work, args.n)
     from trainers.judge.extractors import fit_domain_extractor, get_extractor, sha256_file
     from trainers.judge.quality import read_images
     from trainers.judge.report_measure import read_metrics_log
@@ -344,7 +367,7 @@ def main(argv=None) -> int:
                       "domain_sha256": domain_sha256}
     load = os.getloadavg()
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = merge_rows(args.out / "photos.json", args.minutes, rows, machine, domain_sha256)
+    rows = merge_rows(args.out / "photos.json", args.minutes, rows, machine, domain_sha256, args.n)
     (args.out / "photos.json").write_text(json.dumps({"minutes": args.minutes, "load_avg": load, "rows": rows},
                                                      indent=1, default=str))
     head = ("| model | seeds | measured | kimg | s/kimg | fd_random | kid_random | fd_domain | kid_domain | "

@@ -143,7 +143,7 @@ def test_photo_bench_rows_are_seed_means_and_a_win_must_clear_the_spread(tmp_pat
     def run(seed, fd, acc):
         return {**{k: 1.0 for k in FIGURES}, "seed": seed, "fd_random": fd, "conditional_accuracy": acc,
                 "fd_domain": 10.0, "kid_random": 0.001, "kid_domain": 0.1, "class_coverage": 1.0,
-                "ada_p": [[25, seed / 10]]}
+                "ada_p": [[25, seed / 10]], "n": 1000}
 
     r3 = summarise([run(0, 0.5, 0.90), run(1, 0.7, 0.92)])
     assert r3["seeds"] == 2 and r3["fd_random"] == pytest.approx(0.6) and r3["fd_random_seed_std"] == pytest.approx(0.1414, abs=1e-4)
@@ -161,15 +161,38 @@ def test_photo_bench_rows_are_seed_means_and_a_win_must_clear_the_spread(tmp_pat
     xeon, zen4 = "Intel(R) Xeon(R) Processor, bf16 amx", "AMD EPYC, bf16 avx512_bf16"
     rows = {"dcgan": dict(dc, machine=xeon), "r3gan": dict(dc, machine=xeon), "stylegan2": dict(dc, machine=zen4)}
     path.write_text(json.dumps({"minutes": 20.0, "rows": rows}))
-    merged = merge_rows(path, 20.0, {"r3gan": r3}, xeon, "fit-a")
+    merged = merge_rows(path, 20.0, {"r3gan": r3}, xeon, "fit-a", 1000)
     assert merged["r3gan"] is r3 and merged["dcgan"]["measured"] == "earlier" and set(merged) == {"dcgan", "r3gan"}
-    assert set(merge_rows(path, 8.0, {"r3gan": r3}, xeon, "fit-a")) == {"r3gan"}  # another budget's: not comparable
-    assert set(merge_rows(path, 20.0, {"r3gan": r3}, zen4, "fit-a")) == {"r3gan", "stylegan2"}  # nor another CPU's
+    # Another budget's rows are not comparable, nor another CPU's:
+    assert set(merge_rows(path, 8.0, {"r3gan": r3}, xeon, "fit-a", 1000)) == {"r3gan"}
+    assert set(merge_rows(path, 20.0, {"r3gan": r3}, zen4, "fit-a", 1000)) == {"r3gan", "stylegan2"}
+    assert set(merge_rows(path, 20.0, {"r3gan": r3}, xeon, "fit-a", 5000)) == {"r3gan"}  # nor another --n
     # Nor rows judged by another fit of the domain classifier; a row from before fits were recorded is kept.
     rows["dcgan"]["domain_sha256"] = "fit-b"
     path.write_text(json.dumps({"minutes": 20.0, "rows": rows}))
-    assert set(merge_rows(path, 20.0, {"r3gan": r3}, xeon, "fit-a")) == {"r3gan"}
-    assert set(merge_rows(path, 20.0, {"r3gan": r3}, xeon, "fit-b")) == {"r3gan", "dcgan"}
+    assert set(merge_rows(path, 20.0, {"r3gan": r3}, xeon, "fit-a", 1000)) == {"r3gan"}
+    assert set(merge_rows(path, 20.0, {"r3gan": r3}, xeon, "fit-b", 1000)) == {"r3gan", "dcgan"}
+
+
+def test_photo_bench_sizes_the_held_out_split_for_its_n(tmp_path):
+    """--n above the held-out split's default size builds that many held-out crops (a real side of
+    n images), and --n alone decides the split: a split built for another n is rebuilt."""
+    from bench.photos import TEST_SAMPLES, build_data
+
+    (tmp_path / "photos32").mkdir()
+    (tmp_path / "photos32" / "manifest.json").write_text("{}")  # the train split: built elsewhere, not here
+
+    def held_out(n):
+        _, test = build_data(tmp_path, n)
+        return json.loads((test / "manifest.json").read_text())
+
+    first = held_out(1000)
+    assert first["num_samples"] == TEST_SAMPLES and first["split"] == "test"
+    assert held_out(TEST_SAMPLES + 300)["num_samples"] == TEST_SAMPLES + 300
+    stamp = (tmp_path / "photos32_test" / "manifest.json").stat().st_mtime_ns
+    assert held_out(TEST_SAMPLES + 300)["num_samples"] == TEST_SAMPLES + 300  # the same n: kept as it is
+    assert (tmp_path / "photos32_test" / "manifest.json").stat().st_mtime_ns == stamp
+    assert held_out(500)["num_samples"] == TEST_SAMPLES
 
 
 def test_photo_bench_refuses_an_unknown_model_before_building_anything(tmp_path, capsys):
