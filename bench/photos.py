@@ -50,21 +50,20 @@ MODELS = {
 }
 
 
-# The held-out split's size when --n asks for no more (`gentrain shards build photos --split test`).
-TEST_SAMPLES = 1200
+def held_out_size(n: int) -> int:
+    """How many held-out crops the bench judges `--n` images a side against: the photo source's
+    default test split (1,200), or n where n is larger. So n alone decides the real side a row was
+    judged on."""
+    from data_shards.sources.photos import DEFAULT_NUM_SAMPLES
+
+    return max(DEFAULT_NUM_SAMPLES["test"], n)
 
 
-def test_samples(n: int) -> int:
-    """How many held-out crops the bench judges `--n` images a side against: the split's default
-    size, or n where n is larger. So n alone decides the real side a row was judged on."""
-    return max(TEST_SAMPLES, n)
-
-
-def build_data(work: Path, n: int = 1000) -> tuple[Path, Path]:
+def build_data(work: Path, n: int) -> tuple[Path, Path]:
     """The train and held-out crops under `work`, the held-out split sized for `--n` (rebuilt when
     an earlier bench built it at another size: it is the bench's scratch)."""
     train, test = work / "photos32", work / "photos32_test"
-    for out, split, count in ((train, "train", None), (test, "test", test_samples(n))):
+    for out, split, count in ((train, "train", None), (test, "test", held_out_size(n))):
         manifest = out / "manifest.json"
         if manifest.exists() and count is not None and json.loads(manifest.read_text())["num_samples"] != count:
             shutil.rmtree(out)
@@ -373,7 +372,9 @@ def main(argv=None) -> int:
     head = ("| model | seeds | measured | kimg | s/kimg | fd_random | kid_random | fd_domain | kid_domain | "
             "cond. accuracy | class coverage | class TV |")
     unrecorded = [name for name, r in rows.items() if "domain_sha256" not in r]
-    threads = "1, one core per model" if cores else os.environ.get("OMP_NUM_THREADS", "the launcher's default")
+    # The line describes how the runs trained; a --judge-only bench did not train them.
+    threads = ("as when the runs trained (--judge-only)" if args.judge_only else "1, one core per model" if cores
+               else os.environ.get("OMP_NUM_THREADS", "the launcher's default"))
     lines = [f"Machine: {machine}. Budget {args.minutes:g} min per model, {args.n} images a side; "
              f"domain classifier {domain_sha256[:12]} (rows from before fits were recorded: "
              f"{', '.join(unrecorded) or 'none'}); "

@@ -177,7 +177,10 @@ def test_photo_bench_rows_are_seed_means_and_a_win_must_clear_the_spread(tmp_pat
 def test_photo_bench_sizes_the_held_out_split_for_its_n(tmp_path):
     """--n above the held-out split's default size builds that many held-out crops (a real side of
     n images), and --n alone decides the split: a split built for another n is rebuilt."""
-    from bench.photos import TEST_SAMPLES, build_data
+    from bench.photos import build_data
+    from data_shards.sources.photos import DEFAULT_NUM_SAMPLES
+
+    default = DEFAULT_NUM_SAMPLES["test"]
 
     (tmp_path / "photos32").mkdir()
     (tmp_path / "photos32" / "manifest.json").write_text("{}")  # the train split: built elsewhere, not here
@@ -187,12 +190,12 @@ def test_photo_bench_sizes_the_held_out_split_for_its_n(tmp_path):
         return json.loads((test / "manifest.json").read_text())
 
     first = held_out(1000)
-    assert first["num_samples"] == TEST_SAMPLES and first["split"] == "test"
-    assert held_out(TEST_SAMPLES + 300)["num_samples"] == TEST_SAMPLES + 300
+    assert first["num_samples"] == default and first["split"] == "test"
+    assert held_out(default + 300)["num_samples"] == default + 300
     stamp = (tmp_path / "photos32_test" / "manifest.json").stat().st_mtime_ns
-    assert held_out(TEST_SAMPLES + 300)["num_samples"] == TEST_SAMPLES + 300  # the same n: kept as it is
+    assert held_out(default + 300)["num_samples"] == default + 300  # the same n: kept as it is
     assert (tmp_path / "photos32_test" / "manifest.json").stat().st_mtime_ns == stamp
-    assert held_out(500)["num_samples"] == TEST_SAMPLES
+    assert held_out(500)["num_samples"] == default
 
 
 def test_photo_bench_refuses_an_unknown_model_before_building_anything(tmp_path, capsys):
