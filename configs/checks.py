@@ -64,6 +64,10 @@ def check_gan(cfg: DictConfig) -> None:
     if cfg.model.num_classes > 0 and cfg.model.arch == "mlp":
         raise ConfigError("model.arch=mlp is unconditional (2-D points): set model.num_classes=0 and "
                           "model.conditional=false")
+    if cfg.model.projection_only and (cfg.model.arch != "r3gan" or not (cfg.model.conditional
+                                                                         or cfg.model.num_classes > 0)):
+        raise ConfigError("model.projection_only is an option of the class-conditional r3gan discriminator: set "
+                          "model.arch=r3gan and model.conditional=true, or model.projection_only=false")
     if loss.r1_every < 1 or loss.d_steps < 1:
         raise ConfigError(f"loss.r1_every and loss.d_steps must be >= 1, got {loss.r1_every} and {loss.d_steps}")
     if cfg.data.batch_size % loss.d_steps:
@@ -79,8 +83,10 @@ def check_gan(cfg: DictConfig) -> None:
         if ops:
             raise ConfigError("loss.ada_target (adaptive augmentation) and loss.augment (fixed DiffAugment) exclude "
                               "each other: set one")
-        if cfg.model.arch == "mlp" or not loss.ada_target < 1 or loss.ada_kimg <= 0 or loss.ada_interval < 1:
-            raise ConfigError("ADA needs images, 0 < loss.ada_target < 1, loss.ada_kimg > 0, loss.ada_interval >= 1")
+        if (cfg.model.arch == "mlp" or not loss.ada_target < 1 or loss.ada_kimg <= 0 or loss.ada_interval < 1
+                or not 0 < loss.ada_max_p <= 1):
+            raise ConfigError("ADA needs images, 0 < loss.ada_target < 1, loss.ada_kimg > 0, loss.ada_interval >= 1, "
+                              "0 < loss.ada_max_p <= 1")
         if not parse_ops(loss.ada_ops, "loss.ada_ops", ADA_OPS):
             raise ConfigError(f"loss.ada_ops is empty: name at least one of {', '.join(ADA_OPS)} (or set "
                               f"loss.ada_target=0 to turn ADA off)")

@@ -238,6 +238,9 @@ class GANModelConfig:
     min_channels: int = 1
     """r3gan: no stage narrower than this (widths otherwise halve at each doubling of resolution;
     R3GAN's own configs keep every stage equally wide)."""
+    projection_only: bool = False
+    """r3gan, conditional: D's logit is the projection <embed(c), features> alone, as in R3GAN's own
+    D, without the class-agnostic linear head beside it (Miyato & Koyama's form, the default)."""
     mapping_layers: int = 2
     """stylegan2: FC layers of the mapping network z -> w (8 in StyleGAN2, 2 in its CIFAR config)."""
     w_dim: int = 128
@@ -282,6 +285,9 @@ class GANLossConfig:
     """ADA speed: p can go from 0 to 1 in this many thousand images (500 in the paper)."""
     ada_interval: int = 4
     """Steps between adjustments of ADA's p."""
+    ada_max_p: float = 1.0
+    """Upper bound of ADA's p (1: none). p still follows r_t below it; a cap keeps the strongest
+    augmentation from washing out what D can tell apart (a conditional D's class evidence)."""
     pl_weight: float = 0.0
     """StyleGAN2's path-length regularisation weight (2 in the paper; 0 off), lazy like R1: every
     loss.pl_every steps on half the batch, scaled by the interval. Generators with a mapping

@@ -15,7 +15,8 @@ embedding, concatenated to z), stages up to the image size, a 1x1 conv to the im
 then tanh (the contract of this project's generators: images in [-1, 1]; R3GAN itself leaves the
 output unbounded). Discriminator: the mirror image, a 1x1 conv from the image, stages down to
 4x4, a depthwise 4x4 "basis" conv to a feature vector, a linear head; class-conditional as a
-projection discriminator (logit += <embed(c), features>).
+projection discriminator (logit += <embed(c), features>, Miyato & Koyama 2018), or, as R3GAN's own
+D, the projection alone (`projection_only`: no class-agnostic head, so every logit is class evidence).
 
 Widths follow DCGAN's here (models.blocks.widths): `base` channels at half the image size,
 doubling at each halving down to 4x4 (capped), and base / 2 in the stage at the image size.
@@ -283,8 +284,10 @@ class R3GANDiscriminator(nn.Module):
 
     def __init__(self, image_size: int = 32, channels: int = 3, base_channels: int = 64, blocks_per_stage: int = 1,
                  cardinality: int = 4, expansion: int = 1, num_classes: int = 0, max_channels: int = 512,
-                 min_channels: int = 1, taps: tuple[float, ...] = (1, 2, 1)):
+                 min_channels: int = 1, taps: tuple[float, ...] = (1, 2, 1), projection_only: bool = False):
         super().__init__()
+        if projection_only and num_classes == 0:
+            raise ValueError("projection_only needs a class-conditional discriminator (num_classes > 0)")
         self.num_classes = num_classes
         chans = stage_widths(base_channels, image_size, max_channels, min_channels)[::-1]  # image_size ... 4x4
         scale = blocks_per_stage * len(chans)
@@ -297,8 +300,10 @@ class R3GANDiscriminator(nn.Module):
             stages.append(nn.Sequential(*layers))
         self.stages = nn.Sequential(*stages)
         self.basis = DiscriminativeBasis(chans[-1])
-        self.head = nn.Linear(chans[-1], 1, bias=False)
-        msr_init_(self.head.weight)
+        self.head = None
+        if not projection_only:
+            self.head = nn.Linear(chans[-1], 1, bias=False)
+            msr_init_(self.head.weight)
         self.embed = None
         if num_classes > 0:
             self.embed = nn.Embedding(num_classes, chans[-1])
@@ -306,7 +311,7 @@ class R3GANDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor, c: torch.Tensor | None = None) -> torch.Tensor:
         feat = self.basis(self.stages(self.from_image(x)))
-        logits = self.head(feat).squeeze(1)
+        logits = self.head(feat).squeeze(1) if self.head is not None else 0.0
         if self.embed is not None:
             embedded = self.embed(require_labels(c, self.num_classes, "discriminator")).to(feat.dtype)
             logits = logits + (embedded * feat).sum(1)
@@ -319,4 +324,4 @@ def build_r3gan(model, data, **options):
                   cardinality=model.cardinality, expansion=model.expansion, min_channels=model.min_channels,
                   num_classes=getattr(model, "num_classes", 0))
     return (R3GANGenerator(model.z_dim, base_channels=model.g_channels, **common),
-            R3GANDiscriminator(base_channels=model.d_channels, **common))
+            R3GANDiscriminator(base_channels=model.d_channels, projection_only=model.projection_only, **common))

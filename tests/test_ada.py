@@ -36,6 +36,18 @@ def test_p_rises_above_target_falls_below_and_stays_in_unit_interval():
     assert ada.p == pytest.approx(0.5)
 
 
+def test_max_p_caps_p_and_p_still_falls_from_the_cap():
+    ada = AdaptiveAugment(target=0.6, ada_kimg=1, interval=1, max_p=0.25)
+    for _ in range(40):  # over-fitting for long: p stops at the cap, not at 1
+        ada.accumulate(1.0 * 32, 32)
+    assert ada.p == 0.25
+    ada.accumulate(-1.0 * 32, 32)
+    assert ada.p == pytest.approx(0.25 - 32 / 1000)
+    assert AdaptiveAugment(p=0.9, max_p=0.25).p == 0.25
+    with pytest.raises(ValueError, match="0 < max_p <= 1"):
+        AdaptiveAugment(max_p=0.0)
+
+
 def test_images_seen_set_the_step_size():
     ada = AdaptiveAugment(target=0.6, ada_kimg=10, interval=2)
     ada.accumulate(8.0, 8, images=64)  # 8 samples judged per rank, 64 images seen over all ranks

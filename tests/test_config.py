@@ -91,6 +91,7 @@ def test_cli_exits_2_with_one_line_and_no_traceback():
     ("gan_digits", "loss.r1_every=0", "loss.r1_every and loss.d_steps must be >= 1"),
     ("gan_digits", "optim.lr_decay_start=1.5", "optim.lr_decay_start must be in [0, 1]"),
     ("gan_ring8", "loss.augment=[color]", "the mlp (2-D points) model takes no augmentation"),
+    ("gan_digits", "model.projection_only=true", "model.projection_only is an option of the class-conditional r3gan"),
 ])
 def test_gan_cross_field_mistakes_are_caught_when_the_config_loads(preset, override, fragment):
     """Caught by load_config, so `gentrain launch` (and an sbatch submission) stops before anything starts."""
@@ -99,14 +100,21 @@ def test_gan_cross_field_mistakes_are_caught_when_the_config_loads(preset, overr
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("ops,fragment", [
-    ("[flip]", "bad value for 'loss.ada_ops': unknown augmentation 'flip'; choose from xflip, translate, rotate90, "
-               "brightness, contrast, saturation, hue, cutout"),
-    ("[]", "loss.ada_ops is empty"),
+def test_projection_only_needs_a_conditional_r3gan():
+    assert load_config("gan_photos", ["model.projection_only=true", "model.num_classes=16"]).model.projection_only
+    with pytest.raises(ConfigError, match="model.projection_only is an option"):
+        load_config("gan_photos", ["model.projection_only=true", "model.conditional=false"])
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["loss.ada_ops=[flip]"], "bad value for 'loss.ada_ops': unknown augmentation 'flip'; choose from xflip, "
+                              "translate, rotate90, brightness, contrast, saturation, hue, cutout"),
+    (["loss.ada_ops=[]"], "loss.ada_ops is empty"),
+    (["loss.ada_max_p=0"], "0 < loss.ada_max_p <= 1"),
 ])
-def test_bad_ada_pipelines_are_caught_when_the_config_loads(ops, fragment):
+def test_bad_ada_settings_are_caught_when_the_config_loads(overrides, fragment):
     with pytest.raises(ConfigError) as err:
-        load_config("gan_digits", ["loss.ada_target=0.6", f"loss.ada_ops={ops}"])
+        load_config("gan_digits", ["loss.ada_target=0.6", *overrides])
     assert fragment in str(err.value) and "\n" not in str(err.value)
 
 

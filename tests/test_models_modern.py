@@ -84,6 +84,21 @@ def test_projection_discriminator_depends_on_the_label(arch):
     assert logits.unique().numel() == 4
 
 
+def test_projection_only_discriminator_scores_class_evidence_alone():
+    """model.projection_only (R3GAN's own conditional D): no class-agnostic head, so the logit is
+    <embed(c), features> and a label whose embedding is zero scores every image 0."""
+    torch.manual_seed(0)
+    d = R3GANDiscriminator(16, 3, base_channels=8, num_classes=5, projection_only=True)
+    assert d.head is None
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        d.embed.weight[2].zero_()
+        assert torch.equal(d(x, torch.full((4,), 2)), torch.zeros(4))
+        assert d(x, torch.full((4,), 1)).abs().min() > 0
+    with pytest.raises(ValueError, match="projection_only needs a class-conditional"):
+        R3GANDiscriminator(16, 3, base_channels=8, num_classes=0, projection_only=True)
+
+
 def test_fresh_residual_block_is_the_identity():
     torch.manual_seed(0)
     block = ResidualBlock(16, cardinality=4, expansion=2, variance_scale=4)

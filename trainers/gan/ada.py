@@ -22,7 +22,8 @@ state gives the same output, so a resumed run augments exactly as the uninterrup
 
 p starts at 0 and is tuned from the overfitting heuristic r_t = E[sign(D(real))]: every
 `interval` steps, p += sign(r_t - target) x (images seen over the interval) / (ada_kimg x 1000),
-clamped to [0, 1] (so p can go from 0 to 1 in ada_kimg thousand images). The caller feeds each
+clamped to [0, max_p] (so p can go from 0 to 1 in ada_kimg thousand images; max_p, 1 by default,
+caps it). The caller feeds each
 step's sum of sign(D(real)) and its sample count, already all-reduced over ranks (use
 `sign_stats` to make the tensor to all-reduce), so every rank holds the same p.
 
@@ -64,19 +65,20 @@ class AdaptiveAugment:
     def __init__(self, target: float = 0.6, ada_kimg: float = 500.0, interval: int = 4, p: float = 0.0,
                  ops: tuple[str, ...] = OPS, pad_mode: str = "reflect", max_translate: float = 0.125,
                  brightness_std: float = 0.2, contrast_std: float = 0.5, saturation_std: float = 1.0,
-                 hue_max: float = 1.0, cutout_size: float = 0.5):
+                 hue_max: float = 1.0, cutout_size: float = 0.5, max_p: float = 1.0):
         bad = [op for op in ops if op not in OPS]
         if bad:
             raise ValueError(f"unknown ADA op {bad[0]!r}; choose from {', '.join(OPS)}")
         if pad_mode not in PAD_MODES:
             raise ValueError(f"pad_mode must be one of {PAD_MODES}, not {pad_mode!r}")
-        if interval < 1 or ada_kimg <= 0:
-            raise ValueError("ADA needs interval >= 1 and ada_kimg > 0")
+        if interval < 1 or ada_kimg <= 0 or not 0 < max_p <= 1:
+            raise ValueError("ADA needs interval >= 1, ada_kimg > 0 and 0 < max_p <= 1")
         self.target, self.ada_kimg, self.interval = float(target), float(ada_kimg), int(interval)
         self.ops, self.pad_mode, self.max_translate = tuple(op for op in OPS if op in ops), pad_mode, max_translate
         self.brightness_std, self.contrast_std = brightness_std, contrast_std
         self.saturation_std, self.hue_max, self.cutout_size = saturation_std, hue_max, cutout_size
-        self.p = float(min(max(p, 0.0), 1.0))
+        self.max_p = float(max_p)
+        self.p = float(min(max(p, 0.0), self.max_p))
         self.rt: float | None = None  # r_t of the last completed interval (for logging)
         self._reset_accumulator()
 
@@ -104,7 +106,7 @@ class AdaptiveAugment:
         """Adjust p from an (all-reduced) r_t measured over `images` images; returns the new p."""
         self.rt = float(rt)
         step = math.copysign(1.0, self.rt - self.target) if self.rt != self.target else 0.0
-        self.p = float(min(max(self.p + step * images / (self.ada_kimg * 1000.0), 0.0), 1.0))
+        self.p = float(min(max(self.p + step * images / (self.ada_kimg * 1000.0), 0.0), self.max_p))
         return self.p
 
     def state(self) -> dict:

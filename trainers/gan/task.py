@@ -139,7 +139,8 @@ class GANTask:
                                        diag.alert_patience, dist_info.is_main)
         loss = cfg.loss
         self.ada = (AdaptiveAugment(loss.ada_target, loss.ada_kimg, loss.ada_interval,
-                                    ops=parse_ops(loss.ada_ops, "loss.ada_ops", ADA_OPS)) if loss.ada_target > 0 else None)
+                                    ops=parse_ops(loss.ada_ops, "loss.ada_ops", ADA_OPS), max_p=loss.ada_max_p)
+                    if loss.ada_target > 0 else None)
         self._signs = None  # this step's [sum of sign(D(real)), count], for ADA
         self.pl_mean = torch.zeros((), device=dist_info.device)  # path length's running mean (StyleGAN2)
         self.phases = [
