@@ -68,6 +68,10 @@ def check_gan(cfg: DictConfig) -> None:
                                                                          or cfg.model.num_classes > 0)):
         raise ConfigError("model.projection_only is an option of the class-conditional r3gan discriminator: set "
                           "model.arch=r3gan and model.conditional=true, or model.projection_only=false")
+    if loss.class_matched_pairs and (loss.loss != "relativistic" or not (cfg.model.conditional
+                                                                          or cfg.model.num_classes > 0)):
+        raise ConfigError("loss.class_matched_pairs pairs real and generated images of one class: it needs "
+                          "loss.loss=relativistic and a class-conditional model (model.conditional=true)")
     if loss.r1_every < 1 or loss.d_steps < 1:
         raise ConfigError(f"loss.r1_every and loss.d_steps must be >= 1, got {loss.r1_every} and {loss.d_steps}")
     if cfg.data.batch_size % loss.d_steps:

@@ -299,6 +299,10 @@ class GANLossConfig:
     of the batch repeats the first half's labels with other latents, and G also minimises
     1 / (mean|G(z1,c) - G(z2,c)| / mean|z1 - z2|). Counters a conditional G that ignores z and draws
     one image per class (measured on configs/gan_photos.yaml: docs/judging.md)."""
+    class_matched_pairs: bool = False
+    """Relativistic loss, class-conditional: each generated sample takes the class of the real image
+    it is paired with (in D's and G's update), so a pair's margin D(real, c) - D(fake, c) compares
+    like with like; off, fake classes are drawn uniformly, independent of the pair (R3GAN's way)."""
     ema_halflife_kimg: float = 2.0
     """Half-life of the generator EMA in thousands of images seen (0 turns EMA off)."""
     ema_rampup: float = 0.05

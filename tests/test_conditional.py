@@ -84,3 +84,36 @@ def test_conditional_gan_trains_and_samples_a_class(digit_shards, tmp_path):
 
     bad = run_gentrain("sample", run, "--n", "4", "--out", tmp_path / "x.npz", "--class", "10", check=False)
     assert bad.returncode == 2 and "the run has classes 0..9" in bad.stderr
+
+
+@pytest.mark.parametrize("matched", [False, True])
+def test_class_matched_pairs_give_each_fake_its_real_partners_class(tmp_path, one_rank, one_thread, monkeypatch,
+                                                                    matched):
+    """gan_photos (relativistic, conditional, mode seeking): with loss.class_matched_pairs every
+    generated sample D scores carries the class of the real image its loss pairs it with, in D's
+    update and in G's (where mode seeking makes samples i and i + B/2 share real i's class);
+    without it the fake classes are drawn apart from the real ones."""
+    from pathlib import Path
+
+    from bench import trainer as bt
+    from trainers.runtime.clock import Clock
+
+    b = 16
+    small = ("model.g_channels=8", "model.d_channels=8", f"data.batch_size={b}", "loss.r1_every=1",
+             f"loss.class_matched_pairs={str(matched).lower()}")
+    cfg, _, task, _ = bt.setup("gan_photos", Path(tmp_path), "disabled", small)
+    assert cfg.loss.mode_seeking > 0 and cfg.loss.loss == "relativistic"
+    d, seen, outputs, paired = task.d.module, [], [], []
+    forward, g_loss = d.forward, task.g_rel_loss_fn
+    monkeypatch.setattr(d, "forward", lambda x, c: seen.append(c.clone()) or outputs.append(forward(x, c)) or outputs[-1])
+    monkeypatch.setattr(task, "g_rel_loss_fn", lambda fake, real: paired.append(real) or g_loss(fake, real))
+    batch = bt.synthetic_batch(cfg)
+    task.train_step(batch, Clock(images_per_step=b))
+    real = batch["label"]
+    d_pair, r1, r2, g_fake, g_real = seen  # D's update (real then fake), R1, R2, G's fake, G's real
+    assert torch.equal(d_pair[:b], real) and torch.equal(r1, real) and torch.equal(g_real, real)
+    assert torch.equal(r2, d_pair[b:]) and torch.equal(g_fake[: b // 2], g_fake[b // 2:])
+    partner = torch.cat([torch.arange(b // 2)] * 2)
+    assert torch.equal(d_pair[b:], real) == matched
+    assert torch.equal(g_fake, real[partner]) == matched
+    assert torch.equal(paired[0], outputs[-1][partner] if matched else outputs[-1])  # G's loss pairs the same way

@@ -91,6 +91,7 @@ def test_cli_exits_2_with_one_line_and_no_traceback():
     ("gan_digits", "loss.r1_every=0", "loss.r1_every and loss.d_steps must be >= 1"),
     ("gan_digits", "optim.lr_decay_start=1.5", "optim.lr_decay_start must be in [0, 1]"),
     ("gan_ring8", "loss.augment=[color]", "the mlp (2-D points) model takes no augmentation"),
+    ("gan_digits", "loss.class_matched_pairs=true", "loss.class_matched_pairs pairs real and generated images"),
     ("gan_digits", "model.projection_only=true", "model.projection_only is an option of the class-conditional r3gan"),
 ])
 def test_gan_cross_field_mistakes_are_caught_when_the_config_loads(preset, override, fragment):

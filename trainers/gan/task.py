@@ -188,7 +188,7 @@ class GANTask:
                   poison: bool) -> dict | None:
         """One D update; its scalars, or None when its loss was not finite on some rank."""
         m = real.shape[0]
-        z, fake_labels = self._z(m), self._fake_labels(m)
+        z, fake_labels = self._z(m), self._fake_labels(m, labels)
         with torch.no_grad():
             fake = self.g.module(*self._g_args(z, fake_labels)).float()
         real_in, fake_in = self._aug(real), self._aug(fake)
@@ -225,10 +225,14 @@ class GANTask:
         self.d.module.requires_grad_(False)
         try:
             n = state.real.shape[0]
-            z, fake_labels = self._z(n), self._fake_labels(n)
+            # fake i pairs with real partner[i]; mode seeking gives samples i and i + n/2 one class
             seek = float(self.cfg.loss.mode_seeking)
-            if seek > 0 and fake_labels is not None:  # pairs (i, i + n/2) share a class
-                fake_labels = torch.cat([fake_labels[: n // 2], fake_labels[: n - n // 2]])
+            partner = torch.arange(n, device=state.real.device)
+            if seek > 0 and self.num_classes:
+                partner = torch.cat([partner[: n // 2], partner[: n - n // 2]])
+            z, fake_labels = self._z(n), self._fake_labels(n, state.labels)
+            if fake_labels is not None:
+                fake_labels = fake_labels[partner]
             fake = self.g(*self._g_args(z, fake_labels))
             fake_logits = self.d.module(*self._d_args(self._aug(fake.float()), fake_labels))
             if self.g_rel_loss_fn is None:
@@ -236,6 +240,8 @@ class GANTask:
             else:
                 with torch.no_grad():
                     real_logits = self.d.module(*self._d_args(self._aug(state.real), state.labels))
+                if self.cfg.loss.class_matched_pairs:
+                    real_logits = real_logits[partner]
                 g_loss = self.g_rel_loss_fn(fake_logits, real_logits)
             if seek > 0:
                 seeking, ratio = mode_seeking_loss(fake, z)
@@ -299,10 +305,13 @@ class GANTask:
     def _z(self, n: int) -> torch.Tensor:
         return torch.randn(n, self.cfg.model.z_dim, generator=self.noise, device=self.dist.device)
 
-    def _fake_labels(self, n: int) -> torch.Tensor | None:
-        """Classes for generated samples, uniform (conditional only: an unconditional run draws nothing)."""
+    def _fake_labels(self, n: int, real_labels: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Classes for n generated samples: uniform, or with loss.class_matched_pairs the classes of
+        the real images they are paired with (conditional only: an unconditional run draws nothing)."""
         if not self.num_classes:
             return None
+        if self.cfg.loss.class_matched_pairs and real_labels is not None:
+            return real_labels
         return torch.randint(self.num_classes, (n,), generator=self.noise, device=self.dist.device)
 
     def _labels(self, batch: dict) -> torch.Tensor | None:
