@@ -23,9 +23,9 @@ state gives the same output, so a resumed run augments exactly as the uninterrup
 p starts at 0 and is tuned from the overfitting heuristic r_t = E[sign(D(real))]: every
 `interval` steps, p += sign(r_t - target) x (images seen over the interval) / (ada_kimg x 1000),
 clamped to [0, max_p] (so p can go from 0 to 1 in ada_kimg thousand images; max_p, 1 by default,
-caps it). The caller feeds each
-step's sum of sign(D(real)) and its sample count, already all-reduced over ranks (use
-`sign_stats` to make the tensor to all-reduce), so every rank holds the same p.
+caps it). The caller feeds each step's sum of sign(D(real)) and its sample count, already
+all-reduced over ranks (use `sign_stats` to make the tensor to all-reduce), so every rank holds
+the same p.
 
 The heuristic reads sign(D(real)) as "D calls this real right", which holds where the loss pins
 D's decision at 0 (nonsaturating, hinge). The relativistic pairing loss sees only D(real) -
