@@ -105,7 +105,13 @@ def test_class_matched_pairs_give_each_fake_its_real_partners_class(tmp_path, on
     assert cfg.loss.mode_seeking > 0 and cfg.loss.loss == "relativistic"
     d, seen, outputs, paired = task.d.module, [], [], []
     forward, g_loss = d.forward, task.g_rel_loss_fn
-    monkeypatch.setattr(d, "forward", lambda x, c: seen.append(c.clone()) or outputs.append(forward(x, c)) or outputs[-1])
+
+    def recording(x, c):
+        seen.append(c.clone())
+        outputs.append(forward(x, c))
+        return outputs[-1]
+
+    monkeypatch.setattr(d, "forward", recording)
     monkeypatch.setattr(task, "g_rel_loss_fn", lambda fake, real: paired.append(real) or g_loss(fake, real))
     batch = bt.synthetic_batch(cfg)
     task.train_step(batch, Clock(images_per_step=b))

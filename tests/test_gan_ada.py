@@ -12,8 +12,8 @@ pytestmark = pytest.mark.slow
 TARGET, KIMG, INTERVAL, BATCH, CAP = 0.2, 0.5, 2, 16, 0.1
 COMMON = ("trainer.log_every=1", "trainer.sample_every=100", "trainer.progress=false", f"data.batch_size={BATCH}",
           "wandb.mode=disabled", "diagnostics.every=0", f"loss.ada_target={TARGET}", f"loss.ada_kimg={KIMG}",
-          f"loss.ada_interval={INTERVAL}", f"loss.ada_max_p={CAP}", "loss.pl_weight=2", "loss.pl_every=2", "model.conditional=true",
-          "model.g_channels=16", "model.d_channels=16")
+          f"loss.ada_interval={INTERVAL}", f"loss.ada_max_p={CAP}", "loss.pl_weight=2", "loss.pl_every=2",
+          "model.conditional=true", "model.g_channels=16", "model.d_channels=16")
 
 
 def train(run, shards, *extra):
