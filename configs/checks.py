@@ -64,12 +64,11 @@ def check_gan(cfg: DictConfig) -> None:
     if cfg.model.num_classes > 0 and cfg.model.arch == "mlp":
         raise ConfigError("model.arch=mlp is unconditional (2-D points): set model.num_classes=0 and "
                           "model.conditional=false")
-    if cfg.model.projection_only and (cfg.model.arch != "r3gan" or not (cfg.model.conditional
-                                                                         or cfg.model.num_classes > 0)):
+    # load_config has filled num_classes from the manifest by now: > 0 means class-conditional
+    if cfg.model.projection_only and (cfg.model.arch != "r3gan" or cfg.model.num_classes == 0):
         raise ConfigError("model.projection_only is an option of the class-conditional r3gan discriminator: set "
                           "model.arch=r3gan and model.conditional=true, or model.projection_only=false")
-    if loss.class_matched_pairs and (loss.loss != "relativistic" or not (cfg.model.conditional
-                                                                          or cfg.model.num_classes > 0)):
+    if loss.class_matched_pairs and (loss.loss != "relativistic" or cfg.model.num_classes == 0):
         raise ConfigError("loss.class_matched_pairs pairs real and generated images of one class: it needs "
                           "loss.loss=relativistic and a class-conditional model (model.conditional=true)")
     if loss.r1_every < 1 or loss.d_steps < 1:
