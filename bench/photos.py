@@ -9,10 +9,11 @@ Each model is its preset: `configs/gan_photos.yaml` (R3GAN-style), `gan_photos_s
 and `gan_photos_dcgan.yaml` (the digits preset's loss: nonsaturating + lazy R1, and no mode-seeking
 term; at two learning rates), trained by the real `gentrain train` for `--minutes` and then
 stopped with SIGTERM: it checkpoints at the next step and exits 75, as on a preempted cluster.
-`--jobs 2` trains two at a time, one per core. The judge is a domain classifier fitted on the
-real train crops (trainers.judge.extractors): it reads a sample generated for class k as some
-class; conditional accuracy is how often that is k. Each run is judged on `--n` generated images
-against as many held-out crops (the held-out split is built that large).
+`--jobs 2` trains two at a time, one per core, seed by seed (two models at one seed side by side).
+The judge is a domain classifier fitted on the real train crops (trainers.judge.extractors): it
+reads a sample generated for class k as some class; conditional accuracy is how often that is k.
+Each run is judged on `--n` generated images against as many held-out crops (the held-out split
+is built that large).
 
 `--seeds N` trains every model N times (run.seed 0..N-1): a row is then the mean over seeds with
 the spread across them beside it, which is what a "better on every metric" claim has to beat (one
@@ -110,6 +111,20 @@ def train_command(name: str, overrides: list[str], work: Path, train: Path, test
            f"metrics.shards={test}", "trainer.max_steps=1000000", "trainer.resume=never", "trainer.progress=false",
            "wandb.mode=disabled", "metrics.every_kimg=0", *overrides]
     return cmd, run
+
+
+def bench_commands(models: list[str], seeds: int, work: Path, train: Path,
+                   test: Path) -> tuple[dict[str, list[str]], dict[str, Path]]:
+    """Every run's command line and run folder, keyed by run_name, in the order they train.
+
+    Seed-major: the runs trained at once are different models at one seed, so a slow hour of the
+    machine (the same Zen 4 ran 233-253 ms a step on different days) falls on every model alike."""
+    commands, runs = {}, {}
+    for seed in range(seeds):
+        for name in models:
+            key = run_name(name, seed)
+            commands[key], runs[key] = train_command(key, [*MODELS[name], f"run.seed={seed}"], work, train, test)
+    return commands, runs
 
 
 # A row's figures, and which way is better for each of the compared ones (+1: higher).
@@ -285,10 +300,12 @@ def judge(run: Path, test: Path, domain, n: int, num_classes: int) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.photos", description=__doc__.split("\n\n")[0])
     parser.add_argument("--minutes", type=float, default=20.0, help="wall-clock training budget per model")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/gentrain-photos"))
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gentrain-photos"),
+                        help="shards, the domain classifier and the runs (kept between benches)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results",
+                        help="where photos.md, photos.json and a sample grid per model go")
     # At 1,000 a side another draw of the same checkpoint's samples moved its FD_domain by up to 1.4,
     # as much as the spread across seeds; 5,000 take ~50 s a run on one core.
     parser.add_argument("--n", type=int, default=5000,
@@ -336,11 +353,7 @@ def main(argv=None) -> int:
     if args.jobs > len(available):
         parser.error(f"--jobs {args.jobs}: this process may use {len(available)} cores ({available})")
     cores = available[:args.jobs] if args.jobs > 1 else None
-    commands, runs = {}, {}
-    for name in models:
-        for seed in range(args.seeds):
-            key = run_name(name, seed)
-            commands[key], runs[key] = train_command(key, [*MODELS[name], f"run.seed={seed}"], args.work, train, test)
+    commands, runs = bench_commands(models, args.seeds, args.work, train, test)
     if not args.judge_only:
         reused = [key for key in commands if args.reuse and trained_for(runs[key], args.minutes)]
         if reused:

@@ -156,7 +156,7 @@ def worker(shards: Path, rounds: int, images: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.reader_limits", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.reader_limits", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per table (default 15)")
     parser.add_argument("--out", type=Path, default=Path("bench/reader_limits.json"))
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "gentrain-bench",

@@ -166,7 +166,7 @@ class _BareGAN:
         self.opt_d = self._adamw(self.d, cfg.optim.d, lr_d, betas_d)
         self.d_loss = D_LOSSES[loss.loss]
         self.g_loss, self.g_rel_loss = G_LOSSES.get(loss.loss), RELATIVISTIC_G_LOSSES.get(loss.loss)
-        self.ada = AdaptiveAugment(loss.ada_target, loss.ada_kimg, loss.ada_interval) if loss.ada_target > 0 else None
+        self.ada = AdaptiveAugment.from_config(loss)
         self.num_classes = int(cfg.model.num_classes)
         self.noise = torch.Generator().manual_seed(noise_seed)
         if hasattr(self.g, "noise_generator"):  # StyleGAN2's per-layer noise, from the same stream as GANTask's

@@ -48,6 +48,16 @@ def test_max_p_caps_p_and_p_still_falls_from_the_cap():
         AdaptiveAugment(max_p=0.0)
 
 
+def test_resuming_under_a_lower_cap_starts_at_the_cap():
+    trained = AdaptiveAugment(p=0.3)
+    resumed = AdaptiveAugment(max_p=0.1)
+    resumed.load_state(trained.state())
+    assert resumed.p == 0.1
+    same = AdaptiveAugment(max_p=0.5)
+    same.load_state(trained.state())
+    assert same.p == 0.3  # below the cap: exactly as saved
+
+
 def test_images_seen_set_the_step_size():
     ada = AdaptiveAugment(target=0.6, ada_kimg=10, interval=2)
     ada.accumulate(8.0, 8, images=64)  # 8 samples judged per rank, 64 images seen over all ranks

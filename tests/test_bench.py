@@ -220,6 +220,17 @@ def test_photo_bench_judge_only_refuses_runs_that_were_never_trained(tmp_path, c
     assert not (tmp_path / "photos32").exists()  # refused before building data
 
 
+def test_photo_bench_trains_the_models_side_by_side_seed_by_seed(tmp_path):
+    """With --jobs 2 the runs that train at once are two models at one seed, not two seeds of one
+    model: a slower hour of the machine then falls on both models' rows."""
+    from bench.photos import bench_commands, run_dir
+
+    commands, runs = bench_commands(["dcgan", "r3gan"], 2, tmp_path, tmp_path / "train", tmp_path / "test")
+    assert list(commands) == ["dcgan", "r3gan", "dcgan-seed1", "r3gan-seed1"]
+    assert runs["r3gan-seed1"] == run_dir(tmp_path, "r3gan-seed1")
+    assert "run.seed=1" in commands["dcgan-seed1"] and "configs/gan_photos_dcgan.yaml" in commands["dcgan-seed1"]
+
+
 def test_photo_bench_clears_only_the_runs_it_is_about_to_train_again(tmp_path):
     """A rerun starts from empty run folders (no abandoned-* leftovers); the data, the domain
     classifier and the runs of models not in this rerun stay."""

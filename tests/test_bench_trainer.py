@@ -48,6 +48,16 @@ def test_bare_gan_loop_reproduces_the_task_step(tmp_path, one_rank, one_thread, 
     assert task.ada.p == bare.ada.p == 0.3  # held: the controller's interval is never reached
 
 
+def test_bare_gan_loop_builds_the_tasks_ada(tmp_path, one_rank, one_thread):
+    """The bare loop's ADA pipeline and cap come from the config, as the task's do (a preset with
+    fewer ops would otherwise be timed against the full pipeline)."""
+    overrides = SMALL + ("loss.ada_ops=[xflip,cutout]", "loss.ada_max_p=0.2")
+    cfg, _, task, _ = bt.setup("gan_photos", Path(tmp_path), "disabled", overrides)
+    bare = bt._BareGAN(cfg)
+    assert bare.ada.ops == task.ada.ops == ("xflip", "cutout")
+    assert bare.ada.max_p == task.ada.max_p == 0.2
+
+
 def test_presets_and_cadences():
     assert bt.parse_presets(None) == ("vae", "gan")
     assert bt.parse_presets("gan_digits, gan_photos") == ("gan", "gan_photos")

@@ -297,6 +297,26 @@ def test_samples_of_a_stylegan2_run_are_the_same_for_the_same_seed(monkeypatch):
     assert torch.equal(training_stream.get_state(), torch.Generator().manual_seed(7).get_state())
 
 
+def test_a_training_runs_metric_and_diagnostic_samples_are_seeded_and_leave_its_streams_alone(
+        tmp_path, one_rank, one_thread):
+    """The live metrics' and the collapse diagnostics' samples of a StyleGAN2 run draw z and the
+    noise inputs from their own seeded stream: the same samples each time, and neither the task's
+    training noise stream nor torch's global one moves (the EMA sampler's noise came from the
+    global one in the diagnostics)."""
+    from bench import trainer as bt
+
+    small = ("model.g_channels=8", "model.d_channels=8", "data.batch_size=8", "diagnostics.num_samples=16")
+    _, _, task, _ = bt.setup("gan_photos_stylegan2", tmp_path, "disabled", small)
+    with torch.no_grad():
+        for layer in task.sampler.synthesis.convs:
+            layer.noise_strength.fill_(0.5)
+    training_noise, global_rng = task.noise.get_state(), torch.get_rng_state()
+    coverage, metrics = task._coverage_samples(), task.generate(8, seed=1)
+    assert np.array_equal(coverage, task._coverage_samples()) and np.array_equal(metrics, task.generate(8, seed=1))
+    assert not np.array_equal(metrics, task.generate(8, seed=2))
+    assert torch.equal(task.noise.get_state(), training_noise) and torch.equal(torch.get_rng_state(), global_rng)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_path_length_penalty(arch):
     g, _ = _nets(arch, 16, 3)

@@ -40,6 +40,7 @@ import math
 import torch
 
 from configs.checks import ADA_OPS as OPS
+from configs.checks import parse_ops
 
 COLOR_OPS = ("brightness", "contrast", "saturation", "hue")
 PAD_MODES = ("reflect", "zeros")
@@ -82,6 +83,14 @@ class AdaptiveAugment:
         self.rt: float | None = None  # r_t of the last completed interval (for logging)
         self._reset_accumulator()
 
+    @classmethod
+    def from_config(cls, loss) -> AdaptiveAugment | None:
+        """The controller a config's `loss` section asks for, or None where ADA is off (ada_target 0)."""
+        if loss.ada_target <= 0:
+            return None
+        return cls(loss.ada_target, loss.ada_kimg, loss.ada_interval, ops=parse_ops(loss.ada_ops, "loss.ada_ops", OPS),
+                   max_p=loss.ada_max_p)
+
     # ----------------------------------------------------------------------------- controller
 
     def _reset_accumulator(self) -> None:
@@ -114,7 +123,8 @@ class AdaptiveAugment:
                 "images": self._images, "steps": self._steps}
 
     def load_state(self, state: dict) -> None:
-        self.p, self.rt = float(state["p"]), state.get("rt")
+        # Clamped: a run resumed with a lower max_p than it trained with starts at the cap, not above it.
+        self.p, self.rt = min(float(state["p"]), self.max_p), state.get("rt")
         self._sign_sum, self._count = float(state["sign_sum"]), float(state["count"])
         self._images, self._steps = int(state["images"]), int(state["steps"])
 

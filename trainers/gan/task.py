@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from configs.checks import ADA_OPS, check_gan
+from configs.checks import check_gan
 from data_shards.stream import batch_to_float
 import models
 from models.stylegan2 import noise_from
@@ -40,6 +40,7 @@ from trainers.runtime.distributed import DistInfo, all_reduce_mean
 from trainers.gan.ada import AdaptiveAugment, ada_margins, sign_stats
 from trainers.gan.ema import EMA
 from trainers.gan.path_length import path_length_penalty
+from trainers.gan.sampling import balanced_labels, draw_samples, generator_args
 from trainers.runtime.engines import make_engine, module_dtype, step_with_grad_norm
 from trainers.gan.diagnostics import (COVERAGE_KEYS, CollapseMonitor, coverage_kind, diversity,
                                       images_to_uint8_nchw, make_coverage_scorer)
@@ -138,9 +139,7 @@ class GANTask:
         self.monitor = CollapseMonitor(diag.alert_min_coverage, diag.alert_min_diversity, diag.alert_after_steps,
                                        diag.alert_patience, dist_info.is_main)
         loss = cfg.loss
-        self.ada = (AdaptiveAugment(loss.ada_target, loss.ada_kimg, loss.ada_interval,
-                                    ops=parse_ops(loss.ada_ops, "loss.ada_ops", ADA_OPS), max_p=loss.ada_max_p)
-                    if loss.ada_target > 0 else None)
+        self.ada = AdaptiveAugment.from_config(loss)
         self._signs = None  # this step's [sum of sign(D(real)), count], for ADA
         self.pl_mean = torch.zeros((), device=dist_info.device)  # path length's running mean (StyleGAN2)
         self.phases = [
@@ -387,26 +386,17 @@ class GANTask:
         """Samples from the sampler (EMA where there is one: what `gentrain sample` will give)."""
         n = self.cfg.diagnostics.num_samples or (500 if m_is_image(self.cfg) else 2500)
         gen = torch.Generator(device=self.dist.device).manual_seed(self.cfg.run.seed + 17)
-        net = self.sampler
-        outs = []
-        for start in range(0, n, 500):
-            z = torch.randn(min(500, n - start), self.cfg.model.z_dim, generator=gen, device=self.dist.device)
-            labels = torch.arange(start, start + len(z), device=self.dist.device) % self.num_classes \
-                if self.num_classes else None  # every class equally often
-            outs.append(net(*generator_args(net, z, labels)).float())
-        x = torch.cat(outs)
+        x = draw_samples(self.sampler, n, self.cfg.model.z_dim, gen,
+                         balanced_labels(n, self.num_classes, self.dist.device))
         return images_to_uint8_nchw(x) if m_is_image(self.cfg) else x.cpu().numpy()
 
     @torch.no_grad()
     def generate(self, n: int, seed: int) -> np.ndarray:
         """n samples of the sampler as uint8 NCHW images, every class equally often (metrics)."""
         gen = torch.Generator(device=self.dist.device).manual_seed(seed)
-        z = torch.randn(n, self.cfg.model.z_dim, generator=gen, device=self.dist.device)
-        labels = torch.arange(n, device=self.dist.device) % self.num_classes if self.num_classes else None
-        with noise_from(self.sampler, gen):  # StyleGAN2's noise: seeded too, and never the training stream
-            return np.concatenate([images_to_uint8_nchw(self.sampler(*generator_args(
-                self.sampler, z[i:i + 250], None if labels is None else labels[i:i + 250])))
-                for i in range(0, n, 250)])
+        labels = balanced_labels(n, self.num_classes, self.dist.device)
+        # 250 a batch: drawn beside the training state, on a GPU too
+        return images_to_uint8_nchw(draw_samples(self.sampler, n, self.cfg.model.z_dim, gen, labels, batch=250))
 
     @property
     def sampler(self) -> torch.nn.Module:
@@ -450,12 +440,6 @@ def grid_labels(num_classes: int, n: int, device) -> torch.Tensor | None:
     if not num_classes:
         return None
     return (torch.arange(n, device=device) // 8) % num_classes
-
-
-def generator_args(net: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor | None) -> tuple:
-    """(z,) or (z, labels) in the network's dtype."""
-    z = z.to(module_dtype(net))
-    return (z,) if labels is None else (z, labels)
 
 
 def m_is_image(cfg: DictConfig) -> bool:

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from configs import ConfigError, load_config
-from models.stylegan2 import noise_from
+from trainers.gan.sampling import draw_samples
 from trainers.runtime.checkpoint import latest_complete
 from trainers.vae.task import build_vae, decoder_link
 from trainers.vae.objective import to_pixels
@@ -80,17 +80,11 @@ def generate(run_dir: str | Path, n: int, seed: int = 0, batch: int = 500, class
     if classes:
         labels = torch.full((n,), class_index) if class_index is not None else torch.arange(n) % classes
     gen = torch.Generator().manual_seed(seed)
-    chunks = []
-    with noise_from(net, gen):  # StyleGAN2's noise inputs too: the same seed, the same samples
-        for start in range(0, n, batch):
-            m = min(batch, n - start)
-            if cfg.kind == "vae":
-                z = torch.randn(m, net.latent_dim, generator=gen)
-                chunks.append(to_pixels(net.decode(z), decoder_link(cfg)) * 2 - 1)
-            else:
-                z = torch.randn(m, cfg.model.z_dim, generator=gen)
-                chunks.append(net(z) if labels is None else net(z, labels[start:start + m]))
-    x = torch.cat(chunks)
+    if cfg.kind == "vae":
+        x = torch.cat([to_pixels(net.decode(torch.randn(min(batch, n - start), net.latent_dim, generator=gen)),
+                                 decoder_link(cfg)) * 2 - 1 for start in range(0, n, batch)])
+    else:  # StyleGAN2's noise inputs too: the same seed, the same samples
+        x = draw_samples(net, n, cfg.model.z_dim, gen, labels, batch)
     if x.dim() == 2:
         return x.numpy().astype(np.float32), labels
     images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

@@ -287,7 +287,7 @@ def _decode(net, cfg, z: torch.Tensor, labels: torch.Tensor | None = None) -> to
         from trainers.vae.task import decoder_link
 
         return to_pixels(net.decode(z), decoder_link(cfg)).float()
-    from trainers.gan.task import generator_args
+    from trainers.gan.sampling import generator_args
 
     return ((net(*generator_args(net, z, labels)).float().clamp(-1, 1) + 1) / 2)
 
