@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file, save_file
 
 from configs import ConfigError, load_config
-from trainers.gan.sampling import draw_samples
+from trainers.gan.sampling import balanced_labels, draw_samples
 from trainers.runtime.checkpoint import latest_complete
 from trainers.vae.task import build_vae, decoder_link
 from trainers.vae.objective import to_pixels
@@ -76,13 +76,14 @@ def generate(run_dir: str | Path, n: int, seed: int = 0, batch: int = 500, class
     if class_index is not None and not 0 <= class_index < max(classes, 1):
         raise ConfigError(f"--class {class_index}: this run is not class-conditional" if not classes
                           else f"--class {class_index}: the run has classes 0..{classes - 1}")
-    labels = None
-    if classes:
-        labels = torch.full((n,), class_index) if class_index is not None else torch.arange(n) % classes
+    labels = torch.full((n,), class_index) if classes and class_index is not None else balanced_labels(n, classes)
     gen = torch.Generator().manual_seed(seed)
     if cfg.kind == "vae":
-        x = torch.cat([to_pixels(net.decode(torch.randn(min(batch, n - start), net.latent_dim, generator=gen)),
-                                 decoder_link(cfg)) * 2 - 1 for start in range(0, n, batch)])
+        chunks = []
+        for start in range(0, n, batch):
+            z = torch.randn(min(batch, n - start), net.latent_dim, generator=gen)
+            chunks.append(to_pixels(net.decode(z), decoder_link(cfg)) * 2 - 1)
+        x = torch.cat(chunks)
     else:  # StyleGAN2's noise inputs too: the same seed, the same samples
         x = draw_samples(net, n, cfg.model.z_dim, gen, labels, batch)
     if x.dim() == 2:

@@ -297,13 +297,14 @@ def latent_paths(net, cfg, seed: int, ref: Reference | None = None) -> dict:
     """Decoded spherical and linear paths between pairs of prior latents (and, for the VAE,
     between the posterior means of pairs of reference images): grid, smoothness CV and the step
     sizes along each path over their mean."""
+    from trainers.gan.sampling import balanced_labels
     from trainers.vae.task import interpolation_smoothness, slerp
 
     gen = torch.Generator().manual_seed(seed + 101)
     dim = net.latent_dim if cfg.kind == "vae" else int(cfg.model.z_dim)
     a, b = torch.randn(PATH_PAIRS, dim, generator=gen), torch.randn(PATH_PAIRS, dim, generator=gen)
     classes = int(cfg.model.get("num_classes", 0) or 0) if cfg.kind == "gan" else 0
-    labels = torch.arange(PATH_PAIRS) % classes if classes else None  # one class along each path
+    labels = balanced_labels(PATH_PAIRS, classes)  # one class along each path
     t = torch.linspace(0, 1, PATH_STEPS)
     endpoints = {"prior_slerp": ("slerp", a, b), "prior_linear": ("linear", a, b)}
     if cfg.kind == "vae" and ref is not None and len(ref.images) >= 2 * PATH_PAIRS:
