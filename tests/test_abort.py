@@ -117,6 +117,68 @@ def test_one_rank_failing_stops_every_rank_with_its_message(tmp_path):
     print(f"\n[abort] both ranks gone {ended - failed_at:.1f} s after rank 1 failed")
 
 
+# ---- a finished rank exits cleanly ------------------------------------------------------------------
+STORE_SERVER = """
+import sys, time
+from datetime import timedelta
+import torch.distributed as dist
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), 2, True, timeout=timedelta(seconds=30),
+                      wait_for_workers=False)
+print("up", flush=True)
+time.sleep(60)
+"""
+# The watcher is inside a store call (the GIL released, in C++) when this rank leaves its guard: the
+# server is stopped, so the call cannot return until the test continues the server, 0.5 s later. A
+# guard that does not wait for its watcher is by then in interpreter shutdown (held there by a
+# module-teardown __del__ that sleeps without the GIL); a daemon thread that takes the GIL back then
+# is ended by pthread_exit inside pybind11's noexcept frame: std::terminate, SIGABRT, "terminate
+# called without an active exception": a run that had finished and checkpointed, reported as failed
+# by its launcher (seen once in CI).
+FINISHED_RANK = """
+import os, signal, sys, time
+from datetime import timedelta
+import torch.distributed as dist
+import trainers.runtime.abort as abort
+abort.POLL_S = 0.05
+server = int(sys.argv[2])
+store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), 2, False, timeout=timedelta(seconds=30))
+class SlowTeardown:
+    def __del__(self, sleep=time.sleep):
+        sleep(2.0)
+teardown = SlowTeardown()
+with abort.JobGuard(0, 2, store, host="h"):
+    time.sleep(0.5)  # the watcher polls
+    os.kill(server, signal.SIGSTOP)
+    time.sleep(0.5)  # ... and is now blocked in store.check
+    print("leaving the guard", flush=True)
+print("finished", flush=True)
+"""
+
+
+def test_a_finished_rank_exits_0_although_its_watcher_was_inside_a_store_call(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-c", STORE_SERVER, str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline() == "up\n"
+        rank = subprocess.Popen([sys.executable, "-c", FINISHED_RANK, str(port), str(server.pid)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert rank.stdout.readline() == "leaving the guard\n"
+        time.sleep(0.5)
+        os.kill(server.pid, signal.SIGCONT)  # the watcher's store call returns now
+        out, err = rank.communicate(timeout=60)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        server.kill()
+        server.wait()
+    assert out == "finished\n"
+    assert rank.returncode == 0, err
+
+
 # ---- one run directory, one job -------------------------------------------------------------------
 def write_lock(run_dir, **fields):
     run_dir.mkdir(parents=True, exist_ok=True)

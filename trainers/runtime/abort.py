@@ -32,6 +32,7 @@ from typing import Callable
 POLL_S = 1.0            # how often every rank looks for the abort flag
 ACK_WAIT_S = 5.0        # how long a failing rank waits for the others to see it
 STORE_LOST_S = 15.0     # a store unreachable this long means the job is gone
+STORE_CALL_TIMEOUT_S = 5.0  # the timeout set on the watcher's and a failing rank's own store connections
 FAILED_EXIT_CODE = 1    # ranks stopped because another rank failed
 LAUNCHER_PID_ENV = "GENTRAIN_LAUNCHER_PID"  # set by launcher.torchrun for its workers
 PR_SET_PDEATHSIG = 1
@@ -190,13 +191,21 @@ class JobGuard:
     def start(self) -> "JobGuard":
         if self.world_size > 1 and self._store is not None and self._thread is None:
             own = self._store.clone()  # its own connection: the main thread may be blocked in the store
-            own.set_timeout(timedelta(seconds=5))
+            own.set_timeout(timedelta(seconds=STORE_CALL_TIMEOUT_S))
             self._thread = threading.Thread(target=self._watch, args=(own,), name="gentrain-abort-watch", daemon=True)
             self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop the watcher and wait until it has left its store call.
+
+        A daemon thread that is inside a store call (the GIL released, in C++) when the interpreter
+        shuts down is ended by pthread_exit as it takes the GIL back, inside pybind11's noexcept
+        frame: std::terminate, so a rank that had finished and checkpointed died with SIGABRT and
+        its launcher reported the run as failed."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=POLL_S + STORE_CALL_TIMEOUT_S + 1.0)
 
     def _watch(self, store) -> None:
         last_ok = time.monotonic()
@@ -244,7 +253,7 @@ class JobGuard:
         """Post `line` as the job's abort flag unless one is there: (the flag now set, the store)."""
         try:
             store = self._store.clone()
-            store.set_timeout(timedelta(seconds=5))
+            store.set_timeout(timedelta(seconds=STORE_CALL_TIMEOUT_S))
             return store.compare_set(self.key, "", line).decode(errors="replace"), store
         except Exception:  # noqa: BLE001 - the store is gone: the other ranks will notice that too
             return line, None
