@@ -390,7 +390,6 @@ class GANTask:
                          balanced_labels(n, self.num_classes, self.dist.device))
         return images_to_uint8_nchw(x) if m_is_image(self.cfg) else x.cpu().numpy()
 
-    @torch.no_grad()
     def generate(self, n: int, seed: int) -> np.ndarray:
         """n samples of the sampler as uint8 NCHW images, every class equally often (metrics)."""
         gen = torch.Generator(device=self.dist.device).manual_seed(seed)
