@@ -404,8 +404,8 @@ def main(argv=None) -> int:
     for name, r in rows.items():
         for run in r.get("per_seed", [r]):
             trace = ", ".join(f"{v:g} at step {step}" for step, v in run.get("ada_p", []))
-            lines.append(f"- {run_name(name, run.get('seed', 0))}: ADA p {trace or 'not logged'}; "
-                         f"grid (one row per class): {run.get('grid')}")
+            grid = f"; grid (one row per class): {run['grid']}" if run.get("grid") else ""
+            lines.append(f"- {run_name(name, run.get('seed', 0))}: ADA p {trace or 'not logged'}{grid}")
     lines += ["", "Against the DCGANs (a difference within the larger spread across seeds is a tie):", "",
               *verdicts(rows)]
     (args.out / "photos.md").write_text("\n".join(lines) + "\n")

@@ -155,7 +155,7 @@ print("finished", flush=True)
 """
 
 
-def test_a_finished_rank_exits_0_although_its_watcher_was_inside_a_store_call(tmp_path):
+def test_a_finished_rank_exits_0_although_its_watcher_was_inside_a_store_call():
     import socket
 
     with socket.socket() as s:
