@@ -50,13 +50,9 @@ def one_thread():
 @pytest.fixture
 def one_rank(monkeypatch):
     """A world of one in this process; its RANK/MASTER_PORT do not leak into later `gentrain` children."""
-    import socket
+    from trainers.runtime.distributed import free_port, init_distributed
 
-    from trainers.runtime.distributed import init_distributed
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
                        "MASTER_PORT": str(port)}.items():
         monkeypatch.setenv(key, os.environ.get(key, value) if key != "MASTER_PORT" else value)

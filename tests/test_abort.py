@@ -10,6 +10,7 @@ Fast: no training. The end-to-end tests are in test_resilience.py, test_multinod
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import pytest
 
 from tests.conftest import ROOT
 from trainers.runtime.abort import pid_alive
+from trainers.runtime.distributed import free_port
 from trainers.runtime.run_lock import RunLock, RunLocked, check_free, read_lock, this_process
 
 ARMED_CHILD = """
@@ -92,11 +94,7 @@ print("not reached", flush=True)
 
 
 def test_one_rank_failing_stops_every_rank_with_its_message(tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT], cwd=ROOT, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
@@ -156,11 +154,7 @@ print("finished", flush=True)
 
 
 def test_a_finished_rank_exits_0_although_its_watcher_was_inside_a_store_call():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-c", STORE_SERVER, str(port)], stdout=subprocess.PIPE, text=True)
     try:
         assert server.stdout.readline() == "up\n"

@@ -79,10 +79,10 @@ def generate(run_dir: str | Path, n: int, seed: int = 0, batch: int = 500, class
     labels = torch.full((n,), class_index) if classes and class_index is not None else balanced_labels(n, classes)
     gen = torch.Generator().manual_seed(seed)
     if cfg.kind == "vae":
-        chunks = []
+        chunks, link = [], decoder_link(cfg)
         for start in range(0, n, batch):
             z = torch.randn(min(batch, n - start), net.latent_dim, generator=gen)
-            chunks.append(to_pixels(net.decode(z), decoder_link(cfg)) * 2 - 1)
+            chunks.append(to_pixels(net.decode(z), link) * 2 - 1)
         x = torch.cat(chunks)
     else:  # StyleGAN2's noise inputs too: the same seed, the same samples
         x = draw_samples(net, n, cfg.model.z_dim, gen, labels, batch)
