@@ -18,6 +18,7 @@ from launcher.cli import main
 from launcher.hostfile import parse_hosts, render_hostfile
 from launcher.resources import LaunchError, Resources, check_global_batch, check_local_devices
 from tests.conftest import ROOT, run_gentrain
+from trainers.runtime.distributed import free_port
 
 VAE = "configs/vae_digits.yaml"
 
@@ -236,7 +237,7 @@ def test_torchrun_wrapper_relays_usr1_and_keeps_exit_75(tmp_path):
 def test_deepspeed_backend_trains_on_localhost(tmp_path, digit_shards):
     run_dir = tmp_path / "ds-vae"
     started = time.time()
-    proc = run_gentrain("launch", "--backend", "deepspeed", "--hosts", "localhost:2", "--master-port", _free_port(),
+    proc = run_gentrain("launch", "--backend", "deepspeed", "--hosts", "localhost:2", "--master-port", free_port(),
                         VAE, f"run.dir={run_dir}", f"data.shards={digit_shards}", "data.batch_size=16",
                         "trainer.max_steps=4", "trainer.log_every=1", "trainer.sample_every=4", "trainer.ckpt_every=4",
                         "trainer.progress=false")
@@ -248,11 +249,3 @@ def test_deepspeed_backend_trains_on_localhost(tmp_path, digit_shards):
 
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     print(f"\n[deepspeed] launch -> first step {first['time'] - started:.1f} s")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

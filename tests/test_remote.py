@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import tarfile
 import time
 from collections import Counter
@@ -27,6 +26,7 @@ from data_shards.tars import (
     read_shard,
     record_sample,
 )
+from trainers.runtime.distributed import free_port
 
 N_SHARDS = 8
 BRACES = "shard-{000000..000007}.tar"
@@ -60,12 +60,6 @@ def assert_same_batches(got: list[dict], want: list[dict]) -> None:
         assert a["__key__"] == b["__key__"]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
         assert a["__position__"] == b["__position__"] and a["skipped"] == b["skipped"]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------- the streamed tar parser
@@ -263,7 +257,7 @@ def test_a_shard_that_stops_for_good_keeps_what_arrived_and_counts_the_rest(digi
 
 @pytest.mark.timeout(60)
 def test_every_shard_unreachable_stops_with_one_line_soon():
-    port = closed_port()
+    port = free_port()
     started = time.monotonic()
     with pytest.raises(NoValidSamples) as raised:
         next(iter(ShardStream(f"http://127.0.0.1:{port}/{BRACES}", 4, passes=1)))
@@ -465,7 +459,7 @@ def test_run_from_s3_killed_with_9_resumes_to_the_local_weights(s3, local_refere
 def test_a_run_whose_every_shard_is_unreachable_exits_2_with_one_line(tmp_path):
     from tests.conftest import run_gentrain
 
-    port = closed_port()
+    port = free_port()
     started = time.monotonic()
     proc = run_gentrain("train", GAN, f"run.dir={tmp_path / 'run'}", f"data.shards=http://127.0.0.1:{port}/{BRACES}",
                         "trainer.max_steps=3", "data.num_workers=1", "trainer.progress=false", check=False,

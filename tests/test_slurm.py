@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ROOT, run_gentrain
+from trainers.runtime.distributed import free_port
 
 CLUSTER = ROOT / "tests" / "cluster"
 BINARIES = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "squeue")
@@ -36,12 +36,6 @@ def _why_skip() -> str | None:
 
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.skipif(_why_skip() is not None, reason=_why_skip() or "")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
